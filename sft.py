@@ -1,0 +1,80 @@
+"""SFT: supervised fine-tuning on prompt/completion pairs.
+
+    L = - (1 / N) * sum over every response token t in the batch of log pi(y_t | x, y_<t)
+
+N is the number of response tokens in the whole global batch (all micro-batches, all ranks):
+a token mean over the batch, not a mean of per-sequence means, so long and short responses
+weigh the same per token. Prompt tokens and padding are never scored (label -100).
+
+Data: JSONL with `prompt` and `completion`, plain strings or lists of {"role", "content"}
+messages (rendered with the tokenizer's chat template). Default: the bundled toy task.
+
+    python sft.py                                           # toy task, tiny model, CPU
+    torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-0.5B --data my.jsonl --lr 2e-5
+"""
+import math
+import os
+
+import torch
+
+import common
+from toy.eval import evaluate, is_toy
+
+
+def sft_loss(token_logps, mask, n_tokens):
+    """Summed negative log-likelihood of the masked tokens, divided by n_tokens.
+
+    token_logps, mask: (B, T). n_tokens: the response-token count the mean is taken over
+    (the global batch's, so that micro-batches and ranks add up to one token mean).
+    """
+    return -(token_logps * mask).sum() / n_tokens
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "sft.jsonl"), output_dir="out/sft")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer, model = common.load_policy(args, device)
+    rows = common.read_jsonl(args.data, ["prompt", "completion"])
+    examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
+    model = common.shard_model(model, device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    toy = is_toy(args)
+
+    logger = common.Logger(args)
+    if toy:
+        logger.log(0, evaluate(model, tokenizer, args, device))
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        batches = [common.collate_single(mb, tokenizer.pad_token_id, device)
+                   for mb in common.micro_batches(examples, step - 1, args)]
+        # token mean over the global batch; FSDP averages gradients over ranks, hence * world
+        (n_tokens,) = common.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)], device)
+        total = torch.zeros((), device=device)
+        for batch in batches:
+            loss = sft_loss(common.token_logps(model, batch), batch["labels"] != -100, n_tokens)
+            (loss * common.world()).backward()
+            total += loss.detach()
+            logger.count(batch)
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            (loss,) = common.all_sum([float(total)], device)
+            logger.log(step, {"loss": loss, "perplexity": math.exp(min(loss, 50)), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluate(model, tokenizer, args, device))
+        logger.bar.update()
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)
