@@ -80,12 +80,14 @@ def collate_with_mismatched(examples, pad_id, device):
 
 
 def rows_slice(batch, start, stop):
+    """Rows start:stop of every tensor of a batch (the matched or the mismatched half)."""
     return {k: v[start:stop] for k, v in batch.items()}
 
 
 def read_feedback(path):
-    """Unpaired rows (prompt, completion, label). A pairwise file gives one desirable row (chosen)
-    and one undesirable row (rejected) per pair."""
+    """Unpaired rows (prompt, completion, label). A pairwise file, told apart by its first row, gives
+    one desirable row (chosen) and one undesirable row (rejected) per pair."""
+    # the first read only checks prompts and finds the format; parsing twice is cheap next to training
     if "chosen" not in common.read_jsonl(path, ["prompt"])[0]:
         return common.read_jsonl(path, ["prompt", "completion", "label"])
     pairs = common.read_jsonl(path, ["prompt", "chosen", "rejected"])
