@@ -12,9 +12,9 @@ backbone and head, trained). One iteration:
        delta_t = r_t + gamma * V_{t+1} - V_t      A_t = delta_t + gamma * lam * A_{t+1}      ret_t = A_t + V_t
 4. For ppo_epochs, for every minibatch (masked means over its response tokens):
        ratio_t = exp(logp_t - old_logp_t)
-       pg   = mean max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - cliprange, 1 + cliprange))
-       vf   = 0.5 * mean max((V_t - ret_t)^2, (clip(V_t, V_old_t - cliprange_value, V_old_t + cliprange_value) - ret_t)^2)
-       loss = pg + vf_coef * vf
+       pg   = mean max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+       vf   = 0.5 * mean max((V_t - ret_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - ret_t)^2)
+       loss = pg + vf_coef * vf                  (eps = --cliprange, eps_v = --cliprange_value)
 
 Sizes per device: a micro-batch is --batch_size rows, a minibatch (one optimizer step of each model)
 --grad_accum micro-batches, a rollout --num_mini_batches minibatches; --max_steps counts rollouts.
@@ -195,7 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--num_mini_batches", type=int, default=4, help="optimizer steps per pass")
     p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
     p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
-    p.add_argument("--save_value_model", action="store_true", help="also save the value model to output_dir/value_model")
+    p.add_argument("--save_value_model", action="store_true", help="also save the value model (output_dir/value_model)")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size"):
         if getattr(args, name) <= 0:
@@ -226,7 +226,8 @@ def main(argv=None):
     policy, ref, reward_model, value_model = (common.shard_model(m, device)
                                               for m in (policy, ref, reward_model, value_model))
     # the schedule runs over every optimizer step: ppo_epochs * num_mini_batches per rollout
-    schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.ppo_epochs * args.num_mini_batches})
+    n_updates = args.max_steps * args.ppo_epochs * args.num_mini_batches
+    schedule = argparse.Namespace(**{**vars(args), "max_steps": n_updates})
     optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
     value_model.train()
 
@@ -264,14 +265,16 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.max_steps:
             kl_per_row = ((old["old_logps"] - old["ref_logps"]) * mask).sum(-1)
-            n, kl, score, length, eos = common.all_sum(
-                [len(kl_per_row), float(kl_per_row.sum()), float(scores.sum()), float(mask.sum()), float(has_eos.sum())], device)
+            n, kl, score, length, eos = common.all_sum([len(kl_per_row), float(kl_per_row.sum()), float(scores.sum()),
+                                                        float(mask.sum()), float(has_eos.sum())], device)
             logger.log(step, {
-                "objective/kl": kl / n, "objective/scores": score / n, "objective/rlhf_reward": (score - args.kl_coef * kl) / n,
-                "policy/clipfrac": pg_clipfrac, "val/clipfrac": vf_clipfrac, "loss/policy_avg": pg, "loss/value_avg": vf,
-                "policy/entropy_avg": entropy, "response/mean_length": length / n, "response/eos_fraction": eos / n,
-                "lr": optimizers[0][1].get_last_lr()[0], "tokens/s/rollout": rollout_speed,
-                "tokens/s/update": update_speed,
+                "objective/kl": kl / n, "objective/scores": score / n,
+                "objective/rlhf_reward": (score - args.kl_coef * kl) / n,
+                "policy/clipfrac": pg_clipfrac, "val/clipfrac": vf_clipfrac,
+                "loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": entropy,
+                "response/mean_length": length / n, "response/eos_fraction": eos / n,
+                "lr": optimizers[0][1].get_last_lr()[0],
+                "tokens/s/rollout": rollout_speed, "tokens/s/update": update_speed,
             })
         if sample_every and step % sample_every == 0 and common.rank() == 0:
             response = batch["labels"][0][mask[0].bool()]

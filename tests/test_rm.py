@@ -74,5 +74,5 @@ def test_rm_learns_held_out_preferences(sft_model, tmp_path):
     evals = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 60]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
-    assert after >= 0.85 and after > before + 0.05, (before, after)
+    assert after >= 0.8 and after > before + 0.1, (before, after)  # seen: 0.70 -> 0.87
     assert os.path.isfile(os.path.join(out, rm.HEAD_FILE))
