@@ -74,7 +74,7 @@ def kl_rewards(old_logps, ref_logps, scores, mask, kl_coef):
     score on its last response token (the EOS, or the last token when generation was cut off)."""
     rewards = -kl_coef * (old_logps - ref_logps) * mask
     last = mask.sum(-1).long() - 1
-    rewards[torch.arange(len(last)), last] += scores
+    rewards[torch.arange(len(last), device=last.device), last] += scores
     return rewards
 
 
