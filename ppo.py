@@ -1,0 +1,295 @@
+"""PPO (RLHF stage 3): train the policy against a frozen reward model, with a KL penalty to a reference.
+
+Four models: the policy pi (from --model, trained), the reference pi_ref (a frozen copy of --model),
+the reward model r (from --reward_model, frozen) and the value model V (a copy of the reward model,
+backbone and head, trained). One iteration:
+
+1. Rollout, no grad: sample y ~ pi(.|x) for a batch of prompts at temperature T (top_k=0, top_p=1),
+   cut after the first EOS, and score it: old_logp_t and ref_logp_t (logits / T), V_old_t, score = r(x, y).
+2. Rewards:  r_t = -kl_coef * (old_logp_t - ref_logp_t), plus the score at the last response token
+   (optionally clipped to +-score_clip, minus missing_eos_penalty without EOS, whitened).
+3. GAE, backwards over the response (r, V, A are 0 past its end), A then whitened over the batch:
+       delta_t = r_t + gamma * V_{t+1} - V_t      A_t = delta_t + gamma * lam * A_{t+1}      ret_t = A_t + V_t
+4. For ppo_epochs, for every minibatch (masked means over its response tokens):
+       ratio_t = exp(logp_t - old_logp_t)
+       pg   = mean max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+       vf   = 0.5 * mean max((V_t - ret_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - ret_t)^2)
+       loss = pg + vf_coef * vf                  (eps = --cliprange, eps_v = --cliprange_value)
+
+Sizes per device: a micro-batch is --batch_size rows, a minibatch (one optimizer step of each model)
+--grad_accum micro-batches, a rollout --num_mini_batches minibatches; --max_steps counts rollouts.
+
+    python sft.py && python rm.py && python ppo.py          # the toy pipeline on CPU: out/sft -> out/rm -> out/ppo
+    torchrun --nproc_per_node=8 ppo.py --model my/sft --reward_model my/rm --data prompts.jsonl --lr 1e-6
+"""
+import argparse
+import os
+
+import torch
+
+import common
+import rm
+from toy.eval import evaluate, is_toy
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Advantages and returns (B, C), computed backwards over the response tokens:
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},   ret_t = A_t + V_t
+    with r, V (hence A and ret) taken as 0 where mask is 0, i.e. past each response's end."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, advantages + values
+
+
+def policy_loss(logps, old_logps, advantages, mask, cliprange):
+    """Clipped surrogate: masked mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)),
+    ratio = exp(logp - old_logp). clipfrac: share of tokens where the clipped term is the larger one."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """0.5 * masked mean of max((V - ret)^2, (clip(V, V_old - eps_v, V_old + eps_v) - ret)^2).
+    clipfrac: share of tokens where the clipped error is the larger one."""
+    clipped_values = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+def kl_rewards(old_logps, ref_logps, scores, mask, kl_coef):
+    """Per-token rewards (B, C): -kl_coef * (logp_t - ref_logp_t) on response tokens, plus each row's
+    score on its last response token (the EOS, or the last token when generation was cut off)."""
+    rewards = -kl_coef * (old_logps - ref_logps) * mask
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(last), device=last.device), last] += scores
+    return rewards
+
+
+def whiten(x, mask, device, shift_mean=True):
+    """(x - mean) / std over the response tokens of every rank; shift_mean=False adds the mean back."""
+    n, total, squares = common.all_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())],
+                                       device)
+    mean = total / n
+    std = max((squares / n - mean ** 2) * n / max(n - 1, 1), 0.0) ** 0.5
+    return ((x - mean) / (std + 1e-8) + (0.0 if shift_mean else mean)) * mask
+
+
+def completions_from(responses, eos_id):
+    """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
+    rows = responses.tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def set_sampling(policy, args, tokenizer):
+    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores.
+    The whole generation_config is replaced: a checkpoint's own defaults (top_k=50, a repetition
+    penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
+    from transformers import GenerationConfig
+
+    original = policy.generation_config
+    policy.generation_config = GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return original
+
+
+def token_values(value_model, batch):
+    """(B, C) values V_t, read where the policy predicts response token t: the state before it."""
+    values = value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    return values[:, -batch["labels"].shape[1] - 1:-1]
+
+
+def policy_logps(policy, batch, temperature):
+    """common.token_logps, plus the entropy of pi(.|state) at each response position (no grad)."""
+    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
+    logits = out.logits[:, :-1] / temperature
+    with torch.no_grad():
+        logits32 = logits.float()
+        entropy = logits32.logsumexp(-1) - (logits32.softmax(-1) * logits32).sum(-1)
+    return common.gather_logps(logits, batch["labels"]), entropy
+
+
+@torch.no_grad()
+def rollout(policy, ref, reward_model, value_model, prompts, tokenizer, args, device):
+    """Sample one response per prompt, then score it, in chunks of --local_rollout_forward_batch_size.
+    Returns the scoring batch (common.collate layout), has_eos (B,) and old_logps, ref_logps,
+    old_values (B, C) and scores (B,)."""
+    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
+    policy.eval()
+    completions = []
+    for i in range(0, len(prompts), size):
+        query = common.collate_prompts(prompts[i:i + size], pad_id, device)
+        out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
+                              synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
+        completions += completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
+    batch = common.collate([p["prompt"] for p in prompts], completions, pad_id, device)
+    has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
+    parts = {"old_logps": [], "ref_logps": [], "old_values": [], "scores": []}
+    for i in range(0, len(prompts), size):
+        chunk = {k: v[i:i + size] for k, v in batch.items()}
+        parts["old_logps"].append(common.token_logps(policy, chunk, args.temperature))
+        parts["ref_logps"].append(common.token_logps(ref, chunk, args.temperature))
+        parts["old_values"].append(token_values(value_model, chunk))
+        parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
+    policy.train()
+    return batch, has_eos, {k: torch.cat(v) for k, v in parts.items()}
+
+
+def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns, args, device, logger):
+    """--ppo_epochs passes of clipped policy and value updates over shuffled minibatches.
+    Returns the means over minibatches of pg, vf, pg clipfrac, vf clipfrac and entropy."""
+    mask = (batch["labels"] != -100).float()
+    sums, n_minibatches = torch.zeros(5, device=device), 0
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(len(mask), device=device)
+        for rows in order.split(args.batch_size * args.grad_accum):
+            # a token mean over the whole minibatch: its micro-batches and ranks (FSDP averages, hence * world)
+            (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)
+            for micro in rows.split(args.batch_size):
+                mb, m = {k: v[micro] for k, v in batch.items()}, mask[micro]
+                logps, entropy = policy_logps(policy, mb, args.temperature)
+                pg, pg_clipfrac = policy_loss(logps, old["old_logps"][micro], advantages[micro], m, args.cliprange)
+                vf, vf_clipfrac = value_loss(token_values(value_model, mb), old["old_values"][micro], returns[micro],
+                                             m, args.cliprange_value)
+                weight = m.sum() / n_tokens
+                ((pg + args.vf_coef * vf) * weight * common.world()).backward()
+                sums += weight * torch.stack([pg, vf, pg_clipfrac, vf_clipfrac, masked_mean(entropy, m)]).detach()
+                logger.count(mb)
+            for model, (optimizer, scheduler) in zip((policy, value_model), optimizers):
+                common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+            n_minibatches += 1
+    return [s / n_minibatches for s in common.all_sum(sums.tolist(), device)]
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"),
+                           model=common.SFT_MODEL_DIR, lr=3e-4, max_steps=100, batch_size=16, output_dir="out/ppo")
+    p.add_argument("--reward_model", default="out/rm", help="an rm.py output directory (default: %(default)s)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
+    p.add_argument("--kl_coef", type=float, default=0.05)
+    p.add_argument("--cliprange", type=float, default=0.2)
+    p.add_argument("--vf_coef", type=float, default=0.1)
+    p.add_argument("--cliprange_value", type=float, default=0.2)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=0.95)
+    p.add_argument("--whiten_rewards", action="store_true")
+    p.add_argument("--score_clip", type=float, default=None, help="clip RM scores to +-this (DeepSpeed-Chat: 5)")
+    p.add_argument("--missing_eos_penalty", type=float, default=None, help="subtracted from scores without EOS")
+    p.add_argument("--ppo_epochs", type=int, default=4, help="passes over each rollout")
+    p.add_argument("--num_mini_batches", type=int, default=4, help="optimizer steps per pass")
+    p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
+    p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
+    p.add_argument("--save_value_model", action="store_true", help="also save the value model (output_dir/value_model)")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size"):
+        if getattr(args, name) <= 0:
+            raise common.UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise common.UserError(f"--temperature must be positive (PPO samples), got {args.temperature}")
+    if args.max_new_tokens >= args.max_length:
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in "
+                               f"--max_length {args.max_length}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer, policy = common.load_policy(args, device)
+    ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code))
+    reward_model = common.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code))
+    value_model = rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code)
+    if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
+                               "train the reward model from the same base")
+    if args.gradient_checkpointing:
+        value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    generation_config = set_sampling(policy, args, tokenizer)
+    policy, ref, reward_model, value_model = (common.shard_model(m, device)
+                                              for m in (policy, ref, reward_model, value_model))
+    # the schedule runs over every optimizer step: ppo_epochs * num_mini_batches per rollout
+    n_updates = args.max_steps * args.ppo_epochs * args.num_mini_batches
+    schedule = argparse.Namespace(**{**vars(args), "max_steps": n_updates})
+    optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
+    value_model.train()
+
+    rows = common.read_jsonl(args.data, ["prompt"])
+    prompts = common.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ())
+    per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
+    sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
+    toy = is_toy(args)
+
+    logger = common.Logger(args)
+    if toy:
+        logger.log(0, evaluate(policy, tokenizer, args, device))
+    torch.manual_seed(args.seed + common.rank())  # every rank samples differently
+    logger.tokens_per_second(device)  # start the rollout clock
+    for step in range(1, args.max_steps + 1):
+        batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, per_rollout) for p in mb]
+        batch, has_eos, old = rollout(policy, ref, reward_model, value_model, batch_prompts, tokenizer, args, device)
+        logger.count(batch)
+        rollout_speed = logger.tokens_per_second(device)
+
+        mask = (batch["labels"] != -100).float()
+        scores = old["scores"]
+        if args.score_clip is not None:
+            scores = scores.clamp(-args.score_clip, args.score_clip)
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        rewards = kl_rewards(old["old_logps"], old["ref_logps"], scores, mask, args.kl_coef)
+        if args.whiten_rewards:
+            rewards = whiten(rewards, mask, device, shift_mean=False)
+        advantages, returns = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
+        advantages = whiten(advantages, mask, device)
+        pg, vf, pg_clipfrac, vf_clipfrac, entropy = ppo_update(
+            policy, value_model, optimizers, batch, old, advantages, returns, args, device, logger)
+        update_speed = logger.tokens_per_second(device)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            kl_per_row = ((old["old_logps"] - old["ref_logps"]) * mask).sum(-1)
+            n, kl, score, length, eos = common.all_sum([len(kl_per_row), float(kl_per_row.sum()), float(scores.sum()),
+                                                        float(mask.sum()), float(has_eos.sum())], device)
+            logger.log(step, {
+                "objective/kl": kl / n, "objective/scores": score / n,
+                "objective/rlhf_reward": (score - args.kl_coef * kl) / n,
+                "policy/clipfrac": pg_clipfrac, "val/clipfrac": vf_clipfrac,
+                "loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": entropy,
+                "response/mean_length": length / n, "response/eos_fraction": eos / n,
+                "lr": optimizers[0][1].get_last_lr()[0],
+                "tokens/s/rollout": rollout_speed, "tokens/s/update": update_speed,
+            })
+        if sample_every and step % sample_every == 0 and common.rank() == 0:
+            response = batch["labels"][0][mask[0].bool()]
+            logger.bar.write(f"[step {step}] {tokenizer.decode(batch_prompts[0]['prompt'], skip_special_tokens=True)!r}"
+                             f" -> {tokenizer.decode(response)!r} (score {float(scores[0]):.3f})")
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluate(policy, tokenizer, args, device))
+        logger.bar.update()
+
+    policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
+    common.save_checkpoint(policy, tokenizer, args.output_dir)
+    if args.save_value_model:
+        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"))
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,168 @@
+"""Reward model: a scalar head on a causal-LM backbone, trained on preference pairs (Bradley-Terry).
+
+    r(x, y) = w . h_last(x, y)          h_last: the backbone's hidden state at the last token of
+                                        prompt + response (the EOS token)
+    L = -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2)     per pair, mean over the batch
+
+r_w, r_l are the rewards of the chosen and rejected responses. The centring term keeps rewards
+near 0 (so PPO's value model, which starts from this one, starts near its targets).
+
+Output: the backbone (no LM head) as a Hugging Face directory that AutoModel loads, and the head
+as `value_head.safetensors` beside it; `load_reward_model(path)` loads both.
+
+Data: JSONL with `prompt`, `chosen`, `rejected`. Default: the toy pairs; held-out accuracy on the
+toy eval pairs (or --eval_data) is logged at the start and the end.
+
+    python sft.py && python rm.py                            # toy task: out/sft -> out/rm
+    torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from toy.eval import is_toy
+
+HEAD_FILE = "value_head.safetensors"
+
+
+def reward_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
+    """Per-pair losses: -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2)."""
+    return (-F.logsigmoid(chosen_rewards - rejected_rewards - margin)
+            + center_coef * (chosen_rewards ** 2 + rejected_rewards ** 2))
+
+
+class RewardModel(torch.nn.Module):
+    """A decoder backbone (AutoModel: no LM head) and a linear head giving one scalar per position."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1, bias=False,
+                                          device=backbone.device, dtype=backbone.dtype)
+        self._no_split_modules = backbone._no_split_modules  # common.shard_model shards these layers
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        """(B, T) float32 values: the head applied to the hidden state at every position."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks want a fresh tensor
+
+
+def last_token_rewards(model, batch):
+    """(B,) rewards read at each row's last real token (column P + n - 1 in common's layout)."""
+    values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    labels = batch["labels"]
+    last = values.shape[1] - labels.shape[1] + (labels != -100).sum(-1) - 1
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def load_reward_model(path, device, dtype="auto", trust_remote_code=False):
+    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    head = os.path.join(path, HEAD_FILE)
+    if not os.path.isfile(head):
+        raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
+    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, auto_class=AutoModel))
+    model.value_head.load_state_dict(load_file(head, device=str(device)))
+    return model
+
+
+def save_reward_model(model, tokenizer, out_dir):
+    """The backbone as a HF directory and the head as value_head.safetensors (every rank must call this)."""
+    from safetensors.torch import save_file
+
+    head = common.full_state_dict(model.value_head)
+    common.save_checkpoint(model.backbone, tokenizer, out_dir,
+                           extra_files={HEAD_FILE: lambda path: save_file(head, path)})
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"),
+                           model=common.SFT_MODEL_DIR, lr=3e-4, max_steps=600, output_dir="out/rm")
+    p.add_argument("--eval_data", default=None,
+                   help="held-out pairs for eval/accuracy (default: the toy eval pairs when --data is toy)")
+    p.add_argument("--margin", type=float, default=0.0, help="required reward gap m in -logsig(r_w - r_l - m)")
+    p.add_argument("--center_coef", type=float, default=0.001, help="weight of r_w^2 + r_l^2 (align-anything)")
+    args = p.parse_args(argv)
+    if args.eval_data is None and is_toy(args):
+        args.eval_data = os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl")
+    return args
+
+
+@torch.no_grad()
+def evaluate_pairs(model, examples, pad_id, device, batch_size):
+    """eval/accuracy and eval/margin on held-out pairs, split over ranks."""
+    usable = examples[: len(examples) - len(examples) % common.world()]  # equal forwards on every rank (FSDP)
+    mine = usable[common.rank()::common.world()]
+    was_training = model.training
+    model.eval()
+    correct = margin = 0.0
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        rewards = last_token_rewards(model, common.collate_pairs(chunk, pad_id, device))
+        chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
+        correct += float((chosen > rejected).sum())
+        margin += float((chosen - rejected).sum())
+    model.train(was_training)
+    correct, margin, n = common.all_sum([correct, margin, len(mine)], device)
+    return {"eval/accuracy": correct / n, "eval/margin": margin / n}
+
+
+def main(argv=None):
+    from transformers import AutoModel
+
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    fields = ["prompt", "chosen", "rejected"]
+    examples = common.tokenize(common.read_jsonl(args.data, fields), tokenizer, args.max_length, fields[1:])
+    held_out = (common.tokenize(common.read_jsonl(args.eval_data, fields), tokenizer, args.max_length, fields[1:])
+                if args.eval_data else None)
+    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, auto_class=AutoModel)
+    if args.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = common.shard_model(RewardModel(backbone), device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    pad_id = tokenizer.pad_token_id
+
+    logger = common.Logger(args)
+    if held_out:
+        logger.log(0, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        micro = common.micro_batches(examples, step - 1, args)
+        n_pairs = len(micro) * args.batch_size * common.world()
+        sums = torch.zeros(5, device=device)  # loss, correct, chosen, rejected, margin
+        for mb in micro:
+            batch = common.collate_pairs(mb, pad_id, device)
+            rewards = last_token_rewards(model, batch)
+            chosen, rejected = rewards[:len(mb)], rewards[len(mb):]
+            losses = reward_loss(chosen, rejected, args.margin, args.center_coef)
+            (losses.sum() / n_pairs * common.world()).backward()  # FSDP averages gradients over ranks
+            sums += torch.stack([losses.sum(), (chosen > rejected).sum(), chosen.sum(), rejected.sum(),
+                                 (chosen - rejected).sum()]).detach()
+            logger.count(batch)
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, accuracy, chosen, rejected, margin = (s / n_pairs for s in common.all_sum(sums.tolist(), device))
+            logger.log(step, {"loss": loss, "accuracy": accuracy, "rewards/chosen": chosen,
+                              "rewards/rejected": rejected, "rewards/margins": margin,
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
+        if held_out and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
+        logger.bar.update()
+
+    save_reward_model(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,78 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import rm
+
+CPU = torch.device("cpu")
+
+
+def test_reward_loss_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    # -logsig(z) = log(1 + exp(-z))
+    plain = [math.log1p(math.exp(-(1.0 - 0.0))),      # z = 1:  0.313262
+             math.log1p(math.exp(-(0.0 - 2.0)))]      # z = -2: 2.126928
+    assert plain == pytest.approx([0.313262, 2.126928], abs=1e-6)
+    torch.testing.assert_close(rm.reward_loss(chosen, rejected), torch.tensor(plain), atol=1e-6, rtol=0)
+    # margin 0.5 shifts z down; centring adds 0.1 * (r_w^2 + r_l^2) = 0.1 * 1 and 0.1 * 4
+    shifted = [math.log1p(math.exp(-(1.0 - 0.0 - 0.5))) + 0.1 * (1.0 + 0.0),   # 0.474077 + 0.1
+               math.log1p(math.exp(-(0.0 - 2.0 - 0.5))) + 0.1 * (0.0 + 4.0)]   # 2.578889 + 0.4
+    assert shifted == pytest.approx([0.574077, 2.978889], abs=1e-6)
+    torch.testing.assert_close(rm.reward_loss(chosen, rejected, margin=0.5, center_coef=0.1), torch.tensor(shifted),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_model):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    tokenizer = common.load_tokenizer(tiny_model)
+    return tokenizer, rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel)).eval()
+
+
+def test_reward_is_read_at_the_last_real_token(tiny_rm):
+    tokenizer, model = tiny_rm
+    eos = tokenizer.eos_token_id
+    prompts, completions = [[1, 10, 11], [1, 12]], [[20, 21, eos], [22, eos]]
+    batch = common.collate(prompts, completions, tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        rewards = rm.last_token_rewards(model, batch)
+        values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        # P = 3 prompt columns: row 0's EOS is column 3 + 2, row 1's column 3 + 1
+        assert torch.equal(rewards, torch.stack([values[0, 5], values[1, 4]]))
+        # and the padding around a row changes nothing: the same row scored alone
+        alone = rm.last_token_rewards(model, common.collate(prompts[1:], completions[1:], tokenizer.pad_token_id, CPU))
+    torch.testing.assert_close(rewards[1:], alone, atol=1e-5, rtol=0)
+
+
+def test_saved_reward_model_scores_exactly_as_before(tiny_rm, tmp_path):
+    tokenizer, model = tiny_rm
+    examples = common.tokenize([{"prompt": "tell me about animals :", "chosen": "cat dog", "rejected": "red"}] * 2,
+                               tokenizer, 64, ("chosen", "rejected"))
+    batch = common.collate_pairs(examples, tokenizer.pad_token_id, CPU)
+    rm.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
+    assert sorted(f for f in os.listdir(tmp_path / "rm") if f.endswith(".safetensors")) == [
+        "model.safetensors", rm.HEAD_FILE]
+    loaded = rm.load_reward_model(str(tmp_path / "rm"), CPU).eval()
+    with torch.no_grad():
+        assert torch.equal(rm.last_token_rewards(loaded, batch), rm.last_token_rewards(model, batch))
+
+
+def test_missing_head_is_a_user_error(tiny_model):
+    with pytest.raises(common.UserError, match="value_head.safetensors"):
+        rm.load_reward_model(tiny_model, CPU)
+
+
+def test_rm_learns_held_out_preferences(sft_model, tmp_path):
+    out = str(tmp_path / "rm")
+    rm.main(["--model", sft_model, "--output_dir", out, "--max_steps", "60", "--log_every", "20"])
+    evals = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 60]
+    before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
+    assert after >= 0.8 and after > before + 0.1, (before, after)  # seen: 0.70 -> 0.87
+    assert os.path.isfile(os.path.join(out, rm.HEAD_FILE))
