@@ -152,7 +152,7 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
-def check_model_path(path, allow_pickle=False, weights=True):
+def check_model_path(path, allow_pickle=False):
     """Build the bundled tiny model on first use; refuse missing, non-model or pickle-only directories clearly."""
     if path == TINY_MODEL_DIR and not os.path.exists(path):
         build_tiny_model(path)
@@ -165,7 +165,7 @@ def check_model_path(path, allow_pickle=False, weights=True):
     files = os.listdir(path)
     if "config.json" not in files:
         raise UserError(f"{path}: no config.json, so not a Hugging Face model directory")
-    if weights and not any(f.endswith(".safetensors") for f in files):
+    if not any(f.endswith(".safetensors") for f in files):
         if not any(f.endswith(".bin") for f in files):
             raise UserError(f"{path}: no weights (*.safetensors) in the directory")
         if not allow_pickle:
@@ -174,7 +174,7 @@ def check_model_path(path, allow_pickle=False, weights=True):
 
 
 def load_tokenizer(path, trust_remote_code=False):
-    check_model_path(path, weights=False)
+    check_model_path(path, allow_pickle=True)  # the tokenizer has no weights; load_model checks them
     from transformers import AutoTokenizer
 
     try:
@@ -549,10 +549,13 @@ def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
 
 
 class TrainState:
-    """--resume, --save_every, SIGTERM and the NaN guard of a training loop. checkpoint-N holds `model` as a
-    HF directory, modules in `extra` as NAME.safetensors, optimizer tensors in optimizer.safetensors, the rest
-    (step, flags, schedulers, optimizer settings) in trainer_state.json, and each rank's RNG in rng-RANK.json.
-    `extra` names more to save and restore: modules, optimizers, or anything with state_dict()."""
+    """Checkpoints around one training loop: --resume, --save_every, SIGTERM and the NaN guard.
+
+    output_dir/checkpoint-N holds `model` as a HF directory (from_pretrained loads it), each module of
+    `extra` as NAME.safetensors, the optimizers' tensors in optimizer.safetensors, the rest (step, flags,
+    scheduler and optimizer settings) in trainer_state.json and each rank's RNG states in rng-RANK.json.
+    `extra` names more to save and restore: modules, optimizers, anything with state_dict().
+    """
 
     def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, **extra):
         micro_batches(examples, 0, args)  # too little data fails now, before anything is written
@@ -562,7 +565,7 @@ class TrainState:
     def checkpoints(self):
         """This run's checkpoints in --output_dir, oldest first (a half-written one ends in .tmp)."""
         out = self.args.output_dir
-        steps = sorted(int(n[11:]) for n in (os.listdir(out) if os.path.isdir(out) else [])
+        steps = sorted(int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else [])
                        if re.fullmatch(r"checkpoint-\d+", n) and os.path.exists(f"{out}/{n}/trainer_state.json"))
         return [os.path.join(out, f"checkpoint-{s}") for s in steps]
 
@@ -584,7 +587,8 @@ class TrainState:
         for name, now in (("world_size", world()), ("batch_size", args.batch_size),
                           ("grad_accum", args.grad_accum), ("seed", args.seed)):  # they fix the data order
             if saved["args"][name] != now:
-                raise UserError(f"{path} was written with {name} {saved['args'][name]}, not {now}; resume with that")
+                raise UserError(f"{path} was written with {name}={saved['args'][name]}, this run has {name}={now}; "
+                                "resume with the same value")
         load_full_state_dict(self.model, unwrapped_class(self.model).from_pretrained(
             path, dtype=next(self.model.parameters()).dtype, trust_remote_code=args.trust_remote_code).state_dict())
         tensors = load_file(f"{path}/optimizer.safetensors")

@@ -115,7 +115,8 @@ def test_kto_label_must_be_boolean(tmp_path):
     """kto.py reads its data with a required `label`: a label that is not true/false names the line."""
     path = tmp_path / "unpaired.jsonl"
     path.write_text(jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}))
-    with pytest.raises(common.UserError, match=re.escape(f'{path}:2: field \'label\' must be true or false, got "yes"')):
+    expected = f"{path}:2: field 'label' must be true or false, got \"yes\""
+    with pytest.raises(common.UserError, match=re.escape(expected)):
         common.read_jsonl(str(path), ["prompt", "completion", "label"])
 
 

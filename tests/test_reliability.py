@@ -171,8 +171,9 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeyp
 
 
 def torchrun(*flags):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_distributed_resume(data, tmp_path):
@@ -195,5 +196,5 @@ def test_distributed_resume(data, tmp_path):
     assert same_weights(reference, out)
     assert rows(out) == rows(reference)
 
-    with pytest.raises(common.UserError, match="written with world_size 2, not 1; resume with that"):
+    with pytest.raises(common.UserError, match="written with world_size=2, this run has world_size=1"):
         sft.main(flags + ["--resume"])
