@@ -24,30 +24,33 @@ def jsonl(*rows):
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
-# case id: (file contents or None for the toy data, extra flags, pieces the one error line must contain)
+# case id: (script, file contents or None for the toy data, extra flags, pieces the one error line must contain)
 CASES = {
-    "not_json": (jsonl(GOOD, "{'prompt': 'single quotes'}"), [], ["data.jsonl:2: not valid JSON"]),
-    "missing_field": (jsonl(GOOD, GOOD, {"prompt": "tell me about music :"}), [],
+    "not_json": ("sft.py", jsonl(GOOD, "{'prompt': 'single quotes'}"), [], ["data.jsonl:2: not valid JSON"]),
+    "missing_field": ("sft.py", jsonl(GOOD, GOOD, {"prompt": "tell me :"}), [],
                       ["data.jsonl:3: missing field 'completion'", "each line needs prompt, completion"]),
-    "messages_not_role_content": (jsonl({"prompt": [{"role": "user", "text": "hi"}], "completion": "drum"}), [],
+    "messages_not_role_content": ("sft.py", jsonl({"prompt": [{"role": "user", "text": "hi"}], "completion": "x"}), [],
                                   ["data.jsonl:1: field 'prompt' must be a list of {'role': str, 'content': str}"]),
-    "completion_not_text": (jsonl(GOOD, {"prompt": "tell me :", "completion": 7}), [],
+    "completion_not_text": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": 7}), [],
                             ["data.jsonl:2: field 'completion' must be a string or a list of messages, got 7"]),
-    "empty_completion": (jsonl(GOOD, {"prompt": "tell me :", "completion": "  "}), [],
+    "empty_completion": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": "  "}), [],
                          ["data.jsonl:2: field 'completion' is empty"]),
-    "empty_file": ("\n", [], ["data.jsonl: no examples; the file is empty"]),
-    "smaller_than_one_batch": (jsonl(GOOD, GOOD, GOOD), ["--batch_size", "2", "--grad_accum", "2"],
+    "empty_file": ("sft.py", "\n", [], ["data.jsonl: no examples; the file is empty"]),
+    "smaller_than_one_batch": ("sft.py", jsonl(GOOD, GOOD, GOOD), ["--batch_size", "2", "--grad_accum", "2"],
                                ["data.jsonl: 3 examples is fewer than one global batch (4", "lower --batch_size"]),
-    "non_utf8": (jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "drum"}\n', [],
+    "non_utf8": ("sft.py", jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "drum"}\n', [],
                  ["data.jsonl:2: not valid UTF-8; re-encode the file as UTF-8"]),
-    "missing_data_file": ("absent", [], ["data.jsonl: no such data file"]),
-    "model_path_missing": (None, ["--model", "/no/such/model"], ["/no/such/model: no such model directory"]),
-    "model_not_a_model_dir": (None, ["--model", os.path.join(ROOT, "toy")], ["toy: no config.json"]),
-    "model_not_causal_lm": (None, ["--model", "BACKBONE"],
+    "missing_data_file": ("sft.py", "absent", [], ["data.jsonl: no such data file"]),
+    "model_path_missing": ("sft.py", None, ["--model", "/no/such/model"],
+                           ["/no/such/model: no such model directory"]),
+    "model_not_a_model_dir": ("sft.py", None, ["--model", os.path.join(ROOT, "toy")], ["toy: no config.json"]),
+    "model_not_causal_lm": ("sft.py", None, ["--model", "BACKBONE"],
                             ["backbone: not loadable as AutoModelForCausalLM", "lacks lm_head.weight"]),
-    "model_pickle_only": (None, ["--model", "PICKLED"], ["pickled has only pickle weights (.bin)", "--allow_pickle"]),
-    "batch_size_zero": (None, ["--batch_size", "0"], ["--batch_size must be > 0, got 0"]),
-    "warmup_ratio_above_one": (None, ["--warmup_ratio", "1.5"], ["--warmup_ratio must be >= 0 and <= 1, got 1.5"]),
+    "model_pickle_only": ("sft.py", None, ["--model", "PICKLED"],
+                          ["pickled has only pickle weights (.bin)", "--allow_pickle"]),
+    "batch_size_zero": ("sft.py", None, ["--batch_size", "0"], ["--batch_size must be > 0, got 0"]),
+    "warmup_ratio_above_one": ("sft.py", None, ["--warmup_ratio", "1.5"],
+                               ["--warmup_ratio must be >= 0 and <= 1, got 1.5"]),
 }
 
 
@@ -67,9 +70,9 @@ def model_dirs(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dirs):
-    """Start every case's `python sft.py` at once; return case -> (exit code, stderr, output dir)."""
+    """Start every case's run at once; return case -> (stderr, exit code, output dir)."""
     started = {}
-    for case, (contents, flags, _) in CASES.items():
+    for case, (script, contents, flags, _) in CASES.items():
         root = tmp_path_factory.mktemp(case)
         argv = [model_dirs.get(f, f) for f in flags]
         if contents is not None:
@@ -78,19 +81,19 @@ def runs(tmp_path_factory, model_dirs):
                 (path.write_bytes if isinstance(contents, bytes) else path.write_text)(contents)
             argv += ["--data", str(path)]
         out = str(root / "out")
-        proc = subprocess.Popen([sys.executable, "sft.py", "--output_dir", out, "--max_steps", "2", *argv],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, script, "--output_dir", out, "--max_steps", "2", *argv],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         started[case] = (proc, out)
-    return {case: (proc.wait(timeout=300), proc.communicate()[1], out) for case, (proc, out) in started.items()}
+    return {case: (proc.communicate(timeout=300)[1], proc.returncode, out) for case, (proc, out) in started.items()}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input(runs, case):
-    code, stderr, out = runs[case]
+    stderr, code, out = runs[case]
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for piece in CASES[case][2]:
+    for piece in CASES[case][3]:
         assert piece in lines[0]
     assert not os.path.exists(out)
 
