@@ -579,6 +579,7 @@ class TrainState:
             if args.resume and rank() == 0:
                 print(f"--resume: no checkpoint in {args.output_dir}; starting from step 0", file=sys.stderr)
             return 0
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = found[-1]
@@ -591,16 +592,17 @@ class TrainState:
                                 "resume with the same value")
         load_full_state_dict(self.model, unwrapped_class(self.model).from_pretrained(
             path, dtype=next(self.model.parameters()).dtype, trust_remote_code=args.trust_remote_code).state_dict())
-        tensors = load_file(f"{path}/optimizer.safetensors")
         for name, part in self.parts.items():
             if isinstance(part, torch.nn.Module):
                 load_full_state_dict(part, load_file(f"{path}/{name}.safetensors"))
             elif isinstance(part, torch.optim.Optimizer):
                 params, state = [p for group in part.param_groups for p in group["params"]], {}
-                for key, t in tensors.items():
-                    owner, i, k = key.split("/")
-                    if owner == name:  # moments are sharded like their parameter, the step count is not
-                        state.setdefault(int(i), {})[k] = shard_like(t, params[int(i)]) if t.dim() else t
+                with safe_open(f"{path}/optimizer.safetensors", "pt") as f:  # one full tensor in memory at a time
+                    for key in f.keys():
+                        owner, i, k = key.split("/")
+                        if owner == name:  # moments are sharded like their parameter, the step count is not
+                            t = f.get_tensor(key)
+                            state.setdefault(int(i), {})[k] = shard_like(t, params[int(i)]) if t.dim() else t
                 part.load_state_dict({"state": state, "param_groups": saved["state"][name]})
             else:
                 part.load_state_dict(saved["state"][name])
@@ -646,8 +648,11 @@ class TrainState:
             elif isinstance(part, torch.optim.Optimizer):
                 sd = part.state_dict()
                 saved["state"][name] = sd["param_groups"]
-                tensors.update({f"{name}/{i}/{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
-                                for i, s in sd["state"].items() for k, v in s.items()})
+                for i, s in sd["state"].items():
+                    for k, v in s.items():
+                        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
+                        if rank() == 0:  # the only rank that holds the full state
+                            tensors[f"{name}/{i}/{k}"] = v.cpu()
             else:
                 saved["state"][name] = part.state_dict()
         if rank() == 0:

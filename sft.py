@@ -11,6 +11,7 @@ messages (rendered with the tokenizer's chat template). Default: the bundled toy
 
     python sft.py                                           # toy task, tiny model, CPU
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-0.5B --data my.jsonl --lr 2e-5
+    python sft.py --save_every 100 --resume                 # pre-emptible: rerun the same command
 """
 import math
 import os
