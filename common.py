@@ -1,4 +1,4 @@
-"""What every script needs and none of them is about: log-probs, data, models, FSDP2, checkpoints.
+"""What every script needs and none of them is about: log-probs, data, models, FSDP2, checkpoints, resume.
 
 Batch layout (all collators): each row is [left padding | prompt | completion | right padding],
 with every completion starting at the same column P. `labels` holds only the completion
@@ -10,7 +10,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 
@@ -35,7 +37,7 @@ def run(main):
     except UserError as e:
         if "--debug" in sys.argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, even under a progress bar
         sys.exit(2)
 
 
@@ -63,15 +65,29 @@ def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--eval_every", type=int, default=0, help="toy-task eval every N steps (0: start and end only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only on SIGTERM)")
+    p.add_argument("--save_total_limit", type=int, default=2, help="keep the last N checkpoints")
+    p.add_argument("--allow_pickle", action="store_true", help="accept a --model with only .bin (pickle) weights")
     return p
 
 
+def check_range(args, name, low=None, high=None, above=None):
+    """UserError unless args.<name> is >= low, <= high and > above (each bound optional; NaN fails)."""
+    value = getattr(args, name)
+    rules = [(f"{op} {bound}", ok) for op, bound, ok in (
+        (">", above, above is None or value > above), (">=", low, low is None or value >= low),
+        ("<=", high, high is None or value <= high)) if bound is not None]
+    if not all(ok for _, ok in rules):
+        raise UserError(f"--{name} must be {' and '.join(rule for rule, _ in rules)}, got {value}")
+
+
 def check_args(args):
-    for name in ("max_steps", "batch_size", "grad_accum", "max_length"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lr", "log_every", "save_total_limit"):
+        check_range(args, name, above=0)
+    for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
+        check_range(args, name, low=0)
+    check_range(args, "warmup_ratio", low=0, high=1)
 
 
 # ---------------------------------------------------------------- distributed
@@ -106,6 +122,11 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shard_model(model, device):
     """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 reductions on CUDA."""
     if not dist.is_initialized():
@@ -131,22 +152,31 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
-def check_model_path(path):
-    """Build the bundled tiny model on first use; refuse missing or pickle-only checkpoints clearly."""
+def check_model_path(path, allow_pickle=False):
+    """Build the bundled tiny model on first use; refuse missing, non-model or pickle-only directories clearly."""
     if path == TINY_MODEL_DIR and not os.path.exists(path):
         build_tiny_model(path)
     if path == SFT_MODEL_DIR and not os.path.exists(path):
         raise UserError(f"{path} does not exist: run `python sft.py` first, or pass --model")
-    if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise UserError(f"{path} has no .safetensors weights; convert the checkpoint to safetensors")
-    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1):
-        raise UserError(f"--model {path}: no such model directory (expected a local HF directory or a hub id)")
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+            raise UserError(f"{path}: no such model directory (expected a local HF directory or a hub id)")
+        return
+    files = os.listdir(path)
+    if "config.json" not in files:
+        raise UserError(f"{path}: no config.json, so not a Hugging Face model directory")
+    if not any(f.endswith(".safetensors") for f in files):
+        if not any(f.endswith(".bin") for f in files):
+            raise UserError(f"{path}: no weights (*.safetensors) in the directory")
+        if not allow_pickle:
+            raise UserError(f"{path} has only pickle weights (.bin), which can run code when loaded; "
+                            "convert them to safetensors, or pass --allow_pickle if you trust the source")
 
 
 def load_tokenizer(path, trust_remote_code=False):
+    check_model_path(path, allow_pickle=True)  # the tokenizer has no weights; load_model checks them
     from transformers import AutoTokenizer
 
-    check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -158,23 +188,33 @@ def load_tokenizer(path, trust_remote_code=False):
     return tokenizer
 
 
-def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None):
-    """from_pretrained, safetensors only. `auto_class` picks another Auto class than AutoModelForCausalLM."""
+def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None, allow_pickle=False):
+    """from_pretrained, safetensors unless allow_pickle. `auto_class` replaces AutoModelForCausalLM."""
+    check_model_path(path, allow_pickle)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
-    check_model_path(path)
+    auto_class = auto_class or AutoModelForCausalLM
+    logging.disable_progress_bar()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its multi-line load report is replaced by the one-line errors below
     try:
-        model = (auto_class or AutoModelForCausalLM).from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
+        model, info = auto_class.from_pretrained(
+            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load {path!r} with {auto_class.__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # e.g. a backbone without its LM head: never train from random weights silently
+        raise UserError(f"{path}: not loadable as {auto_class.__name__}, the checkpoint lacks "
+                        f"{', '.join(sorted(info['missing_keys'])[:3])} (a backbone without its LM head?)")
     return model.to(device)
 
 
 def load_policy(args, device):
+    model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, device, args.dtype, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -210,11 +250,8 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm):
 # ---------------------------------------------------------------- log-probs
 
 def gather_logps(logits, labels, chunk_rows=8):
-    """log softmax(logits)[labels] per position, 0.0 where labels == -100.
-
-    logits[:, t] scores labels[:, t] (already aligned). Computed as logit[label] - logsumexp
-    a few rows at a time in float32, so no float32 copy of the full (B, T, V) log-softmax exists.
-    """
+    """log softmax(logits)[labels] per position (already aligned), 0.0 where labels == -100. As logit[label] -
+    logsumexp a few rows at a time in float32: no float32 copy of the full (B, T, V) log-softmax exists."""
     mask = labels != -100
     index = labels.masked_fill(~mask, 0).unsqueeze(-1)
     out = []
@@ -266,7 +303,7 @@ def read_jsonl(path, required):
             for field in required:
                 if field not in row:
                     raise UserError(f"{path}:{n}: missing field {field!r}; each line needs {', '.join(required)}")
-                check_text(row[field], path, n, field)
+                check_field(row[field], f"{path}:{n}: field {field!r}", field)
             row["_where"] = f"{path}:{n}"
             rows.append(row)
     if not rows:
@@ -274,18 +311,20 @@ def read_jsonl(path, required):
     return rows
 
 
-def check_text(value, path, n, field):
+def check_field(value, where, field):
     if field == "label":
         if not isinstance(value, bool):
-            raise UserError(f"{path}:{n}: field 'label' must be true or false, got {json.dumps(value)}")
-    elif isinstance(value, list):
+            raise UserError(f"{where} must be true or false, got {json.dumps(value)}")
+        return
+    if isinstance(value, list):
         if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                 and isinstance(m.get("content"), str) for m in value):
-            raise UserError(f"{path}:{n}: field {field!r} must be a list of {{'role', 'content'}} messages")
+            raise UserError(f"{where} must be a list of {{'role': str, 'content': str}} messages")
+        value = "".join(m["content"] for m in value)
     elif not isinstance(value, str):
-        raise UserError(f"{path}:{n}: field {field!r} must be a string or a list of messages")
-    elif not value.strip() and field != "prompt":
-        raise UserError(f"{path}:{n}: field {field!r} is empty; remove the line or fill it in")
+        raise UserError(f"{where} must be a string or a list of messages, got {json.dumps(value)}")
+    if not value.strip() and field != "prompt":
+        raise UserError(f"{where} is empty; remove the line or fill it in")
 
 
 def encode_prompt(tokenizer, prompt):
@@ -329,19 +368,20 @@ def tokenize(rows, tokenizer, max_length, fields):
     `fields` are the completion fields: ("completion",), ("chosen", "rejected"), or () for prompts.
     The prompt is tokenized once and shared by a pair's two completions.
     """
-    examples, n_cut = [], 0
+    examples, cut_at = [], []
     for row in rows:
         prompt = encode_prompt(tokenizer, row["prompt"])
         completions = [encode_completion(tokenizer, row["prompt"], row[f]) for f in fields]
         prompt, budget, cut = truncate(prompt, [len(c) for c in completions] or [0], max_length)
-        n_cut += cut
+        cut_at += [row.get("_where", "?")] * cut
         ex = {"prompt": prompt, **{f: c[:budget] for f, c in zip(fields, completions)}}
         if "label" in row:
             ex["label"] = row["label"]
         examples.append(ex)
-    if n_cut and rank() == 0:
-        print(f"warning: {n_cut} of {len(rows)} examples exceed --max_length {max_length} and were truncated "
-              "(prompt from the left first, then the completion)", file=sys.stderr)
+    if cut_at and rank() == 0:
+        print(f"warning: {len(cut_at)} of {len(rows)} examples (the first at {cut_at[0]}) are longer than "
+              f"--max_length {max_length} and were truncated, not dropped (prompt from the left first, then the "
+              "completion); raise --max_length to keep them whole", file=sys.stderr)
     return examples
 
 
@@ -378,19 +418,18 @@ def collate_prompts(examples, pad_id, device):
 
 
 def micro_batches(examples, step, args):
-    """This rank's grad_accum micro-batches (lists of examples) for optimizer step `step`.
+    """This rank's grad_accum micro-batches (lists of examples) for optimizer step `step` (counting from 0).
 
-    A pure function of (step, seed): each epoch is a seeded shuffle, each step takes the next
-    global batch and rank r takes the r-th contiguous slice of every micro-batch. So one process
-    with batch_size B*W sees exactly what W processes with batch_size B see, and resuming
-    at a step needs no saved loader state.
+    A pure function of (step, seed): each epoch is a seeded shuffle, each step takes the next global
+    batch and rank r takes the r-th contiguous slice of every micro-batch. So one process with
+    batch_size B*W sees exactly what W processes with batch_size B see, and resuming needs no loader state.
     """
     W, R, B = world(), rank(), args.batch_size
     per_step = B * W * args.grad_accum
     steps_per_epoch = len(examples) // per_step
     if steps_per_epoch == 0:
-        raise UserError(f"{args.data}: {len(examples)} examples is fewer than one global batch ({per_step}); "
-                        "lower --batch_size or --grad_accum")
+        raise UserError(f"{args.data}: {len(examples)} examples is fewer than one global batch ({per_step} = "
+                        "batch_size x grad_accum x ranks); lower --batch_size or --grad_accum, or add data")
     epoch, i = divmod(step, steps_per_epoch)
     order = list(range(len(examples)))
     random.Random(args.seed + epoch).shuffle(order)
@@ -402,11 +441,12 @@ def micro_batches(examples, step, args):
 # ---------------------------------------------------------------- logging, checkpoints
 
 class Logger:
-    """metrics.jsonl, a tqdm bar and a tokens/s counter; writes on rank 0 only, creating output_dir then."""
+    """metrics.jsonl, a tqdm bar and a tokens/s counter; writes on rank 0 only, creating output_dir then.
+    A run resumed after step `start` keeps the file's rows up to `start` and appends to them."""
 
-    def __init__(self, args):
-        self.path = os.path.join(args.output_dir, "metrics.jsonl")
-        self.bar = tqdm(total=args.max_steps, disable=rank() != 0, dynamic_ncols=True)
+    def __init__(self, args, start=0):
+        self.path, self.start = os.path.join(args.output_dir, "metrics.jsonl"), start
+        self.bar = tqdm(total=args.max_steps, initial=start, disable=rank() != 0, dynamic_ncols=True)
         self.file, self.tokens, self.t0 = None, 0, time.perf_counter()
 
     def count(self, batch):
@@ -424,7 +464,14 @@ class Logger:
             return
         if self.file is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.file = open(self.path, "w")
+            kept = []
+            if self.start and os.path.exists(self.path):  # rows logged after the checkpoint will be logged again
+                with open(self.path) as f:
+                    kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.start]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+            self.file = open(self.path, "a")
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "tokens/s", "eval/gold_score")}
@@ -445,34 +492,188 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
-    """A Hugging Face directory (config, model.safetensors, tokenizer) that never looks complete half-written.
+def shard_like(full, live):
+    """`full` placed like `live`: this rank's shard of it when `live` is an FSDP DTensor."""
+    if not hasattr(live, "device_mesh"):
+        return full.to(live.device)
+    from torch.distributed.tensor import distribute_tensor
 
-    Files are written to `out_dir.tmp` and fsynced, then moved in with the weights last, after
-    any old weights are removed: a crash mid-save leaves no weights, so loading fails loudly
-    instead of mixing old and new. `extra_files` maps a file name to a function that writes
-    it (e.g. a value head), for scripts that save more than the model.
+    return distribute_tensor(full.to(live.device), live.device_mesh, live.placements)
+
+
+def load_full_state_dict(module, state):
+    """Copy a full state dict into `module` in place (into each rank's shard under FSDP)."""
+    with torch.no_grad():
+        for name, live in module.state_dict().items():
+            live.copy_(shard_like(state[name], live))
+
+
+def fsync_dir(path, files=True):
+    """fsync the files in `path` (if `files`), then `path` itself: a rename after this is durable."""
+    for p in [os.path.join(path, n) for n in os.listdir(path) if files] + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def unwrapped_class(model):
+    """The model's own class: fully_shard swaps in a subclass FSDP<Name>(FSDPModule, <Name>)."""
+    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+
+
+def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
+    """A HF directory (config, model.safetensors, tokenizer) that never looks complete half-written.
+
+    Files go to `out_dir.tmp`, are fsynced, then moved in weights last, after any old weights are
+    removed: a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
+    `extra_files` maps a file name to a function that writes it (e.g. a value head).
     """
     state = full_state_dict(model)
     if rank() == 0:
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = type(model).__mro__[1] if type(model).__name__.startswith("FSDP") else type(model)
-        model.config.architectures = [unwrapped.__name__]
+        model.config.architectures = [unwrapped_class(model).__name__]
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(os.path.join(tmp, name))
-        names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))  # weights last
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+        fsync_dir(tmp)
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):
-            if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+            if name.endswith((".safetensors", ".safetensors.index.json")):
                 os.remove(os.path.join(out_dir, name))
-        for name in names:
+        for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):  # weights last
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         os.rmdir(tmp)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
+
+
+class TrainState:
+    """Checkpoints around one training loop: --resume, --save_every, SIGTERM and the NaN guard.
+
+    output_dir/checkpoint-N holds `model` as a HF directory (from_pretrained loads it), each module of
+    `extra` as NAME.safetensors, the optimizers' tensors in optimizer.safetensors, the rest (step, flags,
+    scheduler and optimizer settings) in trainer_state.json and each rank's RNG states in rng-RANK.json.
+    `extra` names more to save and restore: modules, optimizers, anything with state_dict().
+    """
+
+    def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, **extra):
+        micro_batches(examples, 0, args)  # too little data fails now, before anything is written
+        self.args, self.tokenizer, self.model, self.stop = args, tokenizer, model, False
+        self.parts = {"optimizer": optimizer, "scheduler": scheduler, **extra}
+
+    def checkpoints(self):
+        """This run's checkpoints in --output_dir, oldest first (a half-written one ends in .tmp)."""
+        out = self.args.output_dir
+        steps = sorted(int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else [])
+                       if re.fullmatch(r"checkpoint-\d+", n) and os.path.exists(f"{out}/{n}/trainer_state.json"))
+        return [os.path.join(out, f"checkpoint-{s}") for s in steps]
+
+    def resume(self):
+        """Restore the latest checkpoint under --resume; return the last step done (0: start afresh)."""
+        args, found = self.args, self.checkpoints()
+        if found and not args.resume:
+            raise UserError(f"{found[-1]} exists: pass --resume to continue that run, or use another --output_dir")
+        self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        if not found:
+            if args.resume and rank() == 0:
+                print(f"--resume: no checkpoint in {args.output_dir}; starting from step 0", file=sys.stderr)
+            return 0
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = found[-1]
+        with open(f"{path}/trainer_state.json") as f:
+            saved = json.load(f)
+        for name, now in (("world_size", world()), ("batch_size", args.batch_size),
+                          ("grad_accum", args.grad_accum), ("seed", args.seed)):  # they fix the data order
+            if saved["args"][name] != now:
+                raise UserError(f"{path} was written with {name}={saved['args'][name]}, this run has {name}={now}; "
+                                "resume with the same value")
+        load_full_state_dict(self.model, unwrapped_class(self.model).from_pretrained(
+            path, dtype=next(self.model.parameters()).dtype, trust_remote_code=args.trust_remote_code).state_dict())
+        for name, part in self.parts.items():
+            if isinstance(part, torch.nn.Module):
+                load_full_state_dict(part, load_file(f"{path}/{name}.safetensors"))
+            elif isinstance(part, torch.optim.Optimizer):
+                params, state = [p for group in part.param_groups for p in group["params"]], {}
+                with safe_open(f"{path}/optimizer.safetensors", "pt") as f:  # one full tensor in memory at a time
+                    for key in f.keys():
+                        owner, i, k = key.split("/")
+                        if owner == name:  # moments are sharded like their parameter, the step count is not
+                            t = f.get_tensor(key)
+                            state.setdefault(int(i), {})[k] = shard_like(t, params[int(i)]) if t.dim() else t
+                part.load_state_dict({"state": state, "param_groups": saved["state"][name]})
+            else:
+                part.load_state_dict(saved["state"][name])
+        with open(f"{path}/rng-{rank()}.json") as f:
+            rng = json.load(f)
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+        if rank() == 0:
+            print(f"resuming from {path}", file=sys.stderr)
+        return saved["step"]
+
+    def end_step(self, step, **values):
+        """Call last in each step: stop on a NaN/inf value, checkpoint every --save_every steps or on SIGTERM."""
+        *totals, stop = all_sum([float(v) for v in values.values()] + [self.stop], next(self.model.parameters()).device)
+        for name, total in zip(values, totals):
+            if not math.isfinite(total):
+                signal.signal(signal.SIGTERM, self.previous_handler)
+                last = (self.checkpoints() or ["none (see --save_every)"])[-1]
+                raise UserError(f"step {step}: {name} is {total}; stopped without saving (the last good "
+                                f"checkpoint is {last}). Lower --lr or check the data")
+        if stop or (self.args.save_every and step % self.args.save_every == 0):
+            self.save(step)
+        if stop or step == self.args.max_steps:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+        if stop:
+            if rank() == 0:
+                tqdm.write(f"SIGTERM: saved checkpoint-{step} in {self.args.output_dir}; run again with --resume to "
+                           "continue", file=sys.stderr)
+            sys.exit(0)
+
+    def save(self, step):
+        """Write checkpoint-{step}.tmp, fsync, rename it to checkpoint-{step}; then drop the oldest beyond the limit."""
+        from safetensors.torch import save_file
+
+        final = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        tmp, tensors, modules = final + ".tmp", {}, {}
+        saved = {"step": step, "args": {**vars(self.args), "world_size": world()}, "state": {}}
+        for name, part in self.parts.items():
+            if isinstance(part, torch.nn.Module):
+                modules[name] = full_state_dict(part)
+            elif isinstance(part, torch.optim.Optimizer):
+                sd = part.state_dict()
+                saved["state"][name] = sd["param_groups"]
+                for i, s in sd["state"].items():
+                    for k, v in s.items():
+                        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
+                        if rank() == 0:  # the only rank that holds the full state
+                            tensors[f"{name}/{i}/{k}"] = v.cpu()
+            else:
+                saved["state"][name] = part.state_dict()
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        save_checkpoint(self.model, self.tokenizer, tmp)
+        if rank() == 0:
+            for name, state in modules.items():
+                save_file(state, f"{tmp}/{name}.safetensors")
+            save_file(tensors, f"{tmp}/optimizer.safetensors")
+            with open(f"{tmp}/trainer_state.json", "w") as f:
+                json.dump(saved, f)
+        with open(f"{tmp}/rng-{rank()}.json", "w") as f:
+            json.dump({"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
+                       "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}, f)
+        barrier()
+        if rank() == 0:
+            fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            fsync_dir(self.args.output_dir, files=False)
+            for old in self.checkpoints()[:-self.args.save_total_limit]:
+                os.rename(old, old + ".tmp")  # never a half-deleted checkpoint under a checkpoint's name
+                shutil.rmtree(old + ".tmp")
+        barrier()

@@ -11,6 +11,7 @@ messages (rendered with the tokenizer's chat template). Default: the bundled toy
 
     python sft.py                                           # toy task, tiny model, CPU
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-0.5B --data my.jsonl --lr 2e-5
+    python sft.py --save_every 100 --resume                 # pre-emptible: rerun the same command
 """
 import math
 import os
@@ -40,18 +41,20 @@ def main(argv=None):
     common.check_args(args)
     device = common.setup(args)
 
-    tokenizer, model = common.load_policy(args, device)
     rows = common.read_jsonl(args.data, ["prompt", "completion"])
+    tokenizer, model = common.load_policy(args, device)
     examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
+    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    start = state.resume()
     toy = is_toy(args)
 
-    logger = common.Logger(args)
-    if toy:
+    logger = common.Logger(args, start)
+    if toy and start == 0:
         logger.log(0, evaluate(model, tokenizer, args, device))
     model.train()
-    for step in range(1, args.max_steps + 1):
+    for step in range(start + 1, args.max_steps + 1):
         batches = [common.collate_single(mb, tokenizer.pad_token_id, device)
                    for mb in common.micro_batches(examples, step - 1, args)]
         # token mean over the global batch; FSDP averages gradients over ranks, hence * world
@@ -71,6 +74,7 @@ def main(argv=None):
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluate(model, tokenizer, args, device))
         logger.bar.update()
+        state.end_step(step, loss=total, grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)
     logger.close()

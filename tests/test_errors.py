@@ -1,0 +1,148 @@
+"""Bad input (issue 7): one line on stderr naming the file (and line) and what to do, exit code 2,
+no traceback, and no output directory left behind. Each case is a real `python sft.py` run; the runs
+start together in one fixture, since each spends its time importing torch."""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT
+from toy.task import TINY_MODEL_DIR
+
+GOOD = {"prompt": "tell me about music :", "completion": "drum flute piano"}
+
+
+def jsonl(*rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+# case id: (script, file contents or None for the toy data, extra flags, pieces the one error line must contain)
+CASES = {
+    "not_json": ("sft.py", jsonl(GOOD, "{'prompt': 'single quotes'}"), [], ["data.jsonl:2: not valid JSON"]),
+    "missing_field": ("sft.py", jsonl(GOOD, GOOD, {"prompt": "tell me :"}), [],
+                      ["data.jsonl:3: missing field 'completion'", "each line needs prompt, completion"]),
+    "messages_not_role_content": ("sft.py", jsonl({"prompt": [{"role": "user", "text": "hi"}], "completion": "x"}), [],
+                                  ["data.jsonl:1: field 'prompt' must be a list of {'role': str, 'content': str}"]),
+    "completion_not_text": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": 7}), [],
+                            ["data.jsonl:2: field 'completion' must be a string or a list of messages, got 7"]),
+    "empty_completion": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": "  "}), [],
+                         ["data.jsonl:2: field 'completion' is empty"]),
+    "empty_file": ("sft.py", "\n", [], ["data.jsonl: no examples; the file is empty"]),
+    "smaller_than_one_batch": ("sft.py", jsonl(GOOD, GOOD, GOOD), ["--batch_size", "2", "--grad_accum", "2"],
+                               ["data.jsonl: 3 examples is fewer than one global batch (4", "lower --batch_size"]),
+    "non_utf8": ("sft.py", jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "drum"}\n', [],
+                 ["data.jsonl:2: not valid UTF-8; re-encode the file as UTF-8"]),
+    "missing_data_file": ("sft.py", "absent", [], ["data.jsonl: no such data file"]),
+    "model_path_missing": ("sft.py", None, ["--model", "/no/such/model"],
+                           ["/no/such/model: no such model directory"]),
+    "model_not_a_model_dir": ("sft.py", None, ["--model", os.path.join(ROOT, "toy")], ["toy: no config.json"]),
+    "model_not_causal_lm": ("sft.py", None, ["--model", "BACKBONE"],
+                            ["backbone: not loadable as AutoModelForCausalLM", "lacks lm_head.weight"]),
+    "model_pickle_only": ("sft.py", None, ["--model", "PICKLED"],
+                          ["pickled has only pickle weights (.bin)", "--allow_pickle"]),
+    "batch_size_zero": ("sft.py", None, ["--batch_size", "0"], ["--batch_size must be > 0, got 0"]),
+    "warmup_ratio_above_one": ("sft.py", None, ["--warmup_ratio", "1.5"],
+                               ["--warmup_ratio must be >= 0 and <= 1, got 1.5"]),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_model):
+    """A backbone without its LM head (not a causal LM) and a copy of the tiny model with pickle weights only."""
+    from transformers import AutoModel
+
+    root = tmp_path_factory.mktemp("models")
+    backbone, pickled = str(root / "backbone"), str(root / "pickled")
+    AutoModel.from_pretrained(tiny_model).save_pretrained(backbone)
+    shutil.copytree(tiny_model, pickled)
+    torch.save(load_file(os.path.join(pickled, "model.safetensors")), os.path.join(pickled, "pytorch_model.bin"))
+    os.remove(os.path.join(pickled, "model.safetensors"))
+    return {"BACKBONE": backbone, "PICKLED": pickled}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_dirs):
+    """Start every case's run at once; return case -> (stderr, exit code, output dir)."""
+    started = {}
+    for case, (script, contents, flags, _) in CASES.items():
+        root = tmp_path_factory.mktemp(case)
+        argv = [model_dirs.get(f, f) for f in flags]
+        if contents is not None:
+            path = root / "data.jsonl"
+            if contents != "absent":
+                (path.write_bytes if isinstance(contents, bytes) else path.write_text)(contents)
+            argv += ["--data", str(path)]
+        out = str(root / "out")
+        proc = subprocess.Popen([sys.executable, script, "--output_dir", out, "--max_steps", "2", *argv],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started[case] = (proc, out)
+    return {case: (proc.communicate(timeout=300)[1], proc.returncode, out) for case, (proc, out) in started.items()}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(runs, case):
+    stderr, code, out = runs[case]
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for piece in CASES[case][3]:
+        assert piece in lines[0]
+    assert not os.path.exists(out)
+
+
+def test_long_prompts_are_truncated_with_a_warning(tmp_path):
+    """Not an error: the run goes on, after one warning that counts the examples and says what was done."""
+    data, out = tmp_path / "data.jsonl", str(tmp_path / "out")
+    long = {"prompt": "tell me about " + " and ".join(["music"] * 20) + " :", "completion": "drum flute"}
+    data.write_text(jsonl(GOOD, long, GOOD, long))
+    proc = subprocess.run([sys.executable, "sft.py", "--data", str(data), "--output_dir", out, "--max_length", "16",
+                           "--max_steps", "1", "--batch_size", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: 2 of 4 examples (the first at {data}:2) are longer than --max_length 16 and "
+                       "were truncated, not dropped (prompt from the left first, then the completion); "
+                       "raise --max_length to keep them whole"]
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def test_kto_label_must_be_boolean(tmp_path):
+    """kto.py reads its data with a required `label`: a label that is not true/false names the line."""
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text(jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}))
+    expected = f"{path}:2: field 'label' must be true or false, got \"yes\""
+    with pytest.raises(common.UserError, match=re.escape(expected)):
+        common.read_jsonl(str(path), ["prompt", "completion", "label"])
+
+
+@pytest.mark.parametrize("flag, value, bounds, message", [
+    ("beta", 0.0, dict(above=0), "--beta must be > 0, got 0.0"),
+    ("beta", float("nan"), dict(above=0), "--beta must be > 0, got nan"),
+    ("alpha", 1.5, dict(low=0, high=1), "--alpha must be >= 0 and <= 1, got 1.5"),
+    ("alpha", -0.1, dict(low=0, high=1), "--alpha must be >= 0 and <= 1, got -0.1"),
+    ("cliprange", -0.2, dict(above=0), "--cliprange must be > 0, got -0.2"),
+])
+def test_check_range_rejects(flag, value, bounds, message):
+    with pytest.raises(common.UserError, match=f"^{re.escape(message)}$"):
+        common.check_range(argparse.Namespace(**{flag: value}), flag, **bounds)
+
+
+@pytest.mark.parametrize("flag, value, bounds", [
+    ("beta", 0.1, dict(above=0)), ("alpha", 0.0, dict(low=0, high=1)), ("alpha", 1.0, dict(low=0, high=1)),
+])
+def test_check_range_accepts(flag, value, bounds):
+    common.check_range(argparse.Namespace(**{flag: value}), flag, **bounds)
+
+
+def test_allow_pickle_loads_the_same_weights(model_dirs):
+    reference = load_file(os.path.join(TINY_MODEL_DIR, "model.safetensors"))
+    model = common.load_model(model_dirs["PICKLED"], torch.device("cpu"), allow_pickle=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())

@@ -1,0 +1,200 @@
+"""Resume, atomic checkpoints, pre-emption and the NaN guard (issue 7), on sft.py and the tiny model.
+
+metrics.jsonl rows are compared on every field except `tokens/s*`, the only ones that depend on time.
+The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends time on the toy eval.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import sft
+from conftest import ROOT
+from toy.task import DATA_DIR
+
+FLAGS = ["--max_steps", "6", "--batch_size", "4", "--max_length", "64", "--log_every", "1", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    with open(os.path.join(DATA_DIR, "sft.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:64]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory, tiny_model):
+    """6 steps without a stop: the run every interrupted one must reproduce."""
+    out = str(tmp_path_factory.mktemp("straight"))
+    sft.main(FLAGS + ["--data", data, "--output_dir", out])
+    return out
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("tokens/s")} for line in f]
+
+
+def same_weights(dir_a, dir_b):
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sigterm_during_step(monkeypatch, n):
+    """Pre-empt this process: SIGTERM arrives while optimizer step n runs."""
+    real, calls = common.clip_and_step, []
+
+    def clip_and_step(*args):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(common, "clip_and_step", clip_and_step)
+
+
+def test_exact_resume_after_preemption(data, straight, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    sigterm_during_step(monkeypatch, 3)
+    with pytest.raises(SystemExit) as stopped:
+        sft.main(FLAGS + ["--data", data, "--output_dir", out])
+    assert stopped.value.code == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]  # stopped after step 3, no final model
+    monkeypatch.undo()
+
+    sft.main(FLAGS + ["--data", data, "--output_dir", out, "--resume"])
+    assert same_weights(straight, out)  # bit for bit
+    assert rows(out) == rows(straight)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]  # appended, nothing twice
+
+
+def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_path, monkeypatch):
+    sigterm_during_step(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path)])
+    monkeypatch.undo()
+    with pytest.raises(common.UserError, match="checkpoint-1 exists: pass --resume to continue that run"):
+        sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path)])
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import safetensors.torch
+
+real_save_file = safetensors.torch.save_file
+
+
+def save_file(tensors, path, *args, **kwargs):
+    if path.endswith("checkpoint-4.tmp/optimizer.safetensors"):  # the model files of checkpoint-4 are written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save_file(tensors, path, *args, **kwargs)
+
+
+safetensors.torch.save_file = save_file
+sys.argv[0] = "sft.py"
+import common, sft
+common.run(sft.main)
+"""
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(data, straight, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path)
+    flags = FLAGS + ["--data", data, "--output_dir", out, "--save_every", "2"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
+    assert "model.safetensors" in os.listdir(os.path.join(out, "checkpoint-4.tmp"))  # killed half-way
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-2"))  # the previous one still loads
+
+    sft.main(flags + ["--resume"])  # from checkpoint-2: the half-written one is not a checkpoint
+    assert same_weights(straight, out)
+    assert rows(out) == rows(straight)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint(data, tmp_path):
+    out = str(tmp_path)
+    flags = ["--data", data, "--output_dir", out, "--batch_size", "4", "--max_length", "64", "--log_every", "1"]
+    run = subprocess.Popen([sys.executable, "sft.py", *flags, "--max_steps", "100000"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 0, stderr
+    (checkpoint,) = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+    step = int(checkpoint.split("-")[1])
+    assert f"SIGTERM: saved {checkpoint} in {out}; run again with --resume to continue" in stderr
+
+    sft.main(flags + ["--max_steps", str(step + 2), "--resume"])
+    assert [r["step"] for r in rows(out)][-3:] == [step, step + 1, step + 2]
+    assert len({r["step"] for r in rows(out)}) == len(rows(out))
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path)
+    real, calls = sft.sft_loss, []
+
+    def nan_at_step_5(*args):
+        calls.append(1)
+        return real(*args) * (float("nan") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(sft, "sft_loss", nan_at_step_5)
+    monkeypatch.setattr(sys, "argv", ["sft.py"])
+    with pytest.raises(SystemExit) as stopped:
+        common.run(lambda: sft.main(FLAGS + ["--data", data, "--output_dir", out, "--save_every", "2"]))
+    assert stopped.value.code == 2
+    # what a terminal shows: progress bars redraw with \r and cursor moves
+    shown = [re.sub(r"\x1b\[\w", "", line.split("\r")[-1]) for line in capsys.readouterr().err.splitlines()]
+    error = [line for line in shown if line.startswith("error:")]
+    assert error == [f"error: step 5: loss is nan; stopped without saving (the last good checkpoint is "
+                     f"{out}/checkpoint-4). Lower --lr or check the data"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]
+    with open(os.path.join(out, "checkpoint-4", "trainer_state.json")) as f:
+        assert json.load(f)["step"] == 4
+    weights = load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def torchrun(*flags):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *flags]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, "\n".join(line.split("\r")[-1] for line in done.stderr.splitlines()[-60:])
+    return done
+
+
+def test_distributed_resume(data, tmp_path):
+    """Under torchrun with FSDP2 on 2 ranks: resuming from checkpoint-2 gives the uninterrupted run's weights."""
+    out, reference = str(tmp_path / "out"), str(tmp_path / "reference")
+    flags = ["--data", data, "--output_dir", out, "--max_steps", "4", "--batch_size", "2", "--max_length", "64",
+             "--log_every", "1", "--lr", "3e-3", "--save_every", "2", "--save_total_limit", "3"]
+    torchrun(*flags)
+    os.makedirs(reference)
+    for name in ("model.safetensors", "metrics.jsonl"):
+        shutil.copy(os.path.join(out, name), os.path.join(reference, name))
+    with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
+        assert json.load(f)["args"]["world_size"] == 2
+    os.rename(os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-4.tmp"))  # as if killed saving it
+
+    resumed = torchrun(*flags, "--resume")
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert same_weights(reference, out)
+    assert rows(out) == rows(reference)
+
+    with pytest.raises(common.UserError, match="written with world_size=2, this run has world_size=1"):
+        sft.main(flags + ["--resume"])
