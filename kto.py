@@ -141,12 +141,13 @@ def main(argv=None):
     common.check_args(args)
     if args.batch_size < 2:
         raise common.UserError("--batch_size must be at least 2: z0 is estimated on mismatched pairs of each micro-batch")
-    if min(args.beta, args.desirable_weight, args.undesirable_weight) <= 0:
-        raise common.UserError("--beta, --desirable_weight and --undesirable_weight must be positive")
+    for name in ("beta", "desirable_weight", "undesirable_weight"):
+        common.check_range(args, name, above=0)
     device = common.setup(args)
 
     tokenizer, model = common.load_policy(args, device)
-    reference = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code))
+    reference = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+                                                allow_pickle=args.allow_pickle))
     rows = read_feedback(args.data)
     examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
     n_desirable = sum(e["label"] for e in examples)
@@ -158,12 +159,14 @@ def main(argv=None):
     optimizer, scheduler = common.make_optimizer(model, args)
     toy = is_toy(args)
     n_global = args.batch_size * args.grad_accum * common.world()
+    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    start = state.resume()
 
-    logger = common.Logger(args)
-    if toy:
+    logger = common.Logger(args, start)
+    if toy and start == 0:
         logger.log(0, {**evaluate(model, tokenizer, args, device), **heldout_margin(model, reference, tokenizer, args, device)})
     model.train()
-    for step in range(1, args.max_steps + 1):
+    for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
         batches = [collate_with_mismatched(mb, tokenizer.pad_token_id, device) for mb in micro]
         # z0 first, from every micro-batch's mismatched half; the reference scores both halves at once
@@ -204,6 +207,7 @@ def main(argv=None):
             logger.log(step, {**evaluate(model, tokenizer, args, device),
                               **heldout_margin(model, reference, tokenizer, args, device)})
         logger.bar.update()
+        state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)
     logger.close()
