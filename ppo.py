@@ -21,6 +21,7 @@ Sizes per device: a micro-batch is --batch_size rows, a minibatch (one optimizer
 
     python sft.py && python rm.py && python ppo.py          # the toy pipeline on CPU: out/sft -> out/rm -> out/ppo
     torchrun --nproc_per_node=8 ppo.py --model my/sft --reward_model my/rm --data prompts.jsonl --lr 1e-6
+    python ppo.py --save_every 10 --resume                  # pre-emptible: rerun the same command
 """
 import argparse
 import os
@@ -197,11 +198,13 @@ def parse_args(argv=None):
     p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
     p.add_argument("--save_value_model", action="store_true", help="also save the value model (output_dir/value_model)")
     args = p.parse_args(argv)
-    for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size"):
-        if getattr(args, name) <= 0:
-            raise common.UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.temperature <= 0:
-        raise common.UserError(f"--temperature must be positive (PPO samples), got {args.temperature}")
+    for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size",
+                 "temperature", "cliprange", "cliprange_value"):
+        common.check_range(args, name, above=0)
+    for name in ("kl_coef", "vf_coef"):
+        common.check_range(args, name, low=0)
+    for name in ("gamma", "lam"):
+        common.check_range(args, name, low=0, high=1)
     if args.max_new_tokens >= args.max_length:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in "
                                f"--max_length {args.max_length}")
@@ -214,9 +217,11 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, policy = common.load_policy(args, device)
-    ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code))
-    reward_model = common.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code))
-    value_model = rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code)
+    ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+                                          allow_pickle=args.allow_pickle))
+    reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
+                                                      args.allow_pickle) for _ in range(2))
+    common.frozen(reward_model)
     if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
                                "train the reward model from the same base")
@@ -237,12 +242,16 @@ def main(argv=None):
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
 
-    logger = common.Logger(args)
-    if toy:
+    torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
+    state = common.TrainState(per_rollout, tokenizer, prompts, policy, *optimizers[0], value=value_model,
+                              value_optimizer=optimizers[1][0], value_scheduler=optimizers[1][1])
+    start = state.resume()
+
+    logger = common.Logger(args, start)
+    if toy and start == 0:
         logger.log(0, evaluate(policy, tokenizer, args, device))
-    torch.manual_seed(args.seed + common.rank())  # every rank samples differently
     logger.tokens_per_second(device)  # start the rollout clock
-    for step in range(1, args.max_steps + 1):
+    for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, per_rollout) for p in mb]
         batch, has_eos, old = rollout(policy, ref, reward_model, value_model, batch_prompts, tokenizer, args, device)
         logger.count(batch)
@@ -283,6 +292,7 @@ def main(argv=None):
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluate(policy, tokenizer, args, device))
         logger.bar.update()
+        state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
     common.save_checkpoint(policy, tokenizer, args.output_dir)

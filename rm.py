@@ -8,13 +8,15 @@ r_w, r_l are the rewards of the chosen and rejected responses. The centring term
 near 0 (so PPO's value model, which starts from this one, starts near its targets).
 
 Output: the backbone (no LM head) as a Hugging Face directory that AutoModel loads, and the head
-as `value_head.safetensors` beside it; `load_reward_model(path)` loads both.
+as `value_head.safetensors` beside it; `load_reward_model(path)` loads both, and also loads the
+--save_every checkpoints (output_dir/checkpoint-N), written in the same layout.
 
 Data: JSONL with `prompt`, `chosen`, `rejected`. Default: the toy pairs; held-out accuracy on the
 toy eval pairs (or --eval_data) is logged at the start and the end.
 
     python sft.py && python rm.py                            # toy task: out/sft -> out/rm
     torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
+    python rm.py --save_every 100 --resume                  # pre-emptible: rerun the same command
 """
 import os
 
@@ -58,7 +60,7 @@ def last_token_rewards(model, batch):
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def load_reward_model(path, device, dtype="auto", trust_remote_code=False):
+def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False):
     """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel."""
     from safetensors.torch import load_file
     from transformers import AutoModel
@@ -66,7 +68,7 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False):
     head = os.path.join(path, HEAD_FILE)
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
-    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, auto_class=AutoModel))
+    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle))
     model.value_head.load_state_dict(load_file(head, device=str(device)))
     return model
 
@@ -88,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=0.0, help="required reward gap m in -logsig(r_w - r_l - m)")
     p.add_argument("--center_coef", type=float, default=0.001, help="weight of r_w^2 + r_l^2 (align-anything)")
     args = p.parse_args(argv)
+    common.check_range(args, "center_coef", low=0)
     if args.eval_data is None and is_toy(args):
         args.eval_data = os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl")
     return args
@@ -124,18 +127,22 @@ def main(argv=None):
     examples = common.tokenize(common.read_jsonl(args.data, fields), tokenizer, args.max_length, fields[1:])
     held_out = (common.tokenize(common.read_jsonl(args.eval_data, fields), tokenizer, args.max_length, fields[1:])
                 if args.eval_data else None)
-    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, auto_class=AutoModel)
+    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = common.shard_model(RewardModel(backbone), device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id = tokenizer.pad_token_id
+    # checkpoint-N is rm's own format (backbone + value_head.safetensors): load_reward_model loads it
+    state = common.TrainState(args, tokenizer, examples, model.backbone, optimizer, scheduler,
+                              value_head=model.value_head)
+    start = state.resume()
 
-    logger = common.Logger(args)
-    if held_out:
+    logger = common.Logger(args, start)
+    if held_out and start == 0:
         logger.log(0, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
     model.train()
-    for step in range(1, args.max_steps + 1):
+    for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
         n_pairs = len(micro) * args.batch_size * common.world()
         sums = torch.zeros(5, device=device)  # loss, correct, chosen, rejected, margin
@@ -159,6 +166,7 @@ def main(argv=None):
         if held_out and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
         logger.bar.update()
+        state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     save_reward_model(model, tokenizer, args.output_dir)
     logger.close()

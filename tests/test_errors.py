@@ -51,6 +51,9 @@ CASES = {
     "batch_size_zero": ("sft.py", None, ["--batch_size", "0"], ["--batch_size must be > 0, got 0"]),
     "warmup_ratio_above_one": ("sft.py", None, ["--warmup_ratio", "1.5"],
                                ["--warmup_ratio must be >= 0 and <= 1, got 1.5"]),
+    "ppo_cliprange_zero": ("ppo.py", None, ["--cliprange", "0"], ["--cliprange must be > 0, got 0.0"]),
+    "ppo_lam_above_one": ("ppo.py", None, ["--lam", "1.5"], ["--lam must be >= 0 and <= 1, got 1.5"]),
+    "rm_negative_center_coef": ("rm.py", None, ["--center_coef", "-1"], ["--center_coef must be >= 0, got -1.0"]),
 }
 
 

@@ -1,4 +1,5 @@
-"""Resume, atomic checkpoints, pre-emption and the NaN guard (issue 7), on sft.py and the tiny model.
+"""Resume, atomic checkpoints, pre-emption and the NaN guard (issue 7), on sft.py and the tiny model;
+exact resume also for rm.py and ppo.py.
 
 metrics.jsonl rows are compared on every field except `tokens/s*`, the only ones that depend on time.
 The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends time on the toy eval.
@@ -17,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import ppo
+import rm
 import sft
 from conftest import ROOT
 from toy.task import DATA_DIR
@@ -198,3 +201,82 @@ def test_distributed_resume(data, tmp_path):
 
     with pytest.raises(common.UserError, match="written with world_size=2, this run has world_size=1"):
         sft.main(flags + ["--resume"])
+
+
+# ---------------------------------------------------------------- rm.py and ppo.py
+
+RM_FLAGS = ["--max_steps", "4", "--batch_size", "4", "--max_length", "64", "--log_every", "1", "--lr", "3e-3"]
+PPO_FLAGS = ["--max_steps", "6", "--batch_size", "4", "--num_mini_batches", "2", "--ppo_epochs", "1",
+             "--max_new_tokens", "8", "--max_length", "64", "--log_every", "1", "--num_sample_generations", "0",
+             "--save_value_model"]
+
+
+@pytest.fixture(scope="module")
+def rm_flags(tmp_path_factory, tiny_model):
+    """The tiny model as backbone, 64 toy pairs and 8 held-out ones, copied outside toy/data."""
+    root = tmp_path_factory.mktemp("pairs")
+    for name, n in (("pairs.jsonl", 64), ("eval_pairs.jsonl", 8)):
+        with open(os.path.join(DATA_DIR, name)) as f:
+            (root / name).write_text("".join(f.readlines()[:n]))
+    return RM_FLAGS + ["--model", tiny_model, "--data", str(root / "pairs.jsonl"),
+                       "--eval_data", str(root / "eval_pairs.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def rm_straight(rm_flags, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("rm_straight"))
+    rm.main(rm_flags + ["--output_dir", out])
+    return out
+
+
+def same_files(dir_a, dir_b, names):
+    for name in names:
+        a, b = load_file(os.path.join(dir_a, name)), load_file(os.path.join(dir_b, name))
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            return False
+    return True
+
+
+def test_rm_exact_resume_after_preemption(rm_flags, rm_straight, tmp_path, monkeypatch):
+    out = str(tmp_path)
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(SystemExit) as stopped:
+        rm.main(rm_flags + ["--output_dir", out])
+    assert stopped.value.code == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    monkeypatch.undo()
+    checkpoint = rm.load_reward_model(os.path.join(out, "checkpoint-2"), torch.device("cpu"))  # rm's own layout
+    saved_head = load_file(os.path.join(out, "checkpoint-2", rm.HEAD_FILE))["weight"]
+    assert torch.equal(checkpoint.value_head.weight, saved_head)
+
+    rm.main(rm_flags + ["--output_dir", out, "--resume"])
+    assert same_files(rm_straight, out, ["model.safetensors", rm.HEAD_FILE])  # backbone and head, bit for bit
+    assert rows(out) == rows(rm_straight)
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows(out) if "eval/accuracy" in r] == [0, 4]  # no second step-0 eval
+
+
+@pytest.fixture(scope="module")
+def ppo_flags(rm_straight, tmp_path_factory, tiny_model):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
+        path.write_text("".join(f.readlines()[:64]))
+    return PPO_FLAGS + ["--model", tiny_model, "--reward_model", rm_straight, "--data", str(path)]
+
+
+def test_ppo_exact_resume_after_preemption(ppo_flags, tmp_path, monkeypatch):
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "out")
+    ppo.main(ppo_flags + ["--output_dir", straight])
+    sigterm_during_step(monkeypatch, 9)  # 2 optimizer steps (policy, value) per minibatch, 2 minibatches a rollout
+    with pytest.raises(SystemExit) as stopped:
+        ppo.main(ppo_flags + ["--output_dir", out])
+    assert stopped.value.code == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]
+    monkeypatch.undo()
+
+    ppo.main(ppo_flags + ["--output_dir", out, "--resume"])
+    assert same_weights(straight, out)  # the policy, bit for bit
+    value = os.path.join("value_model", "model.safetensors"), os.path.join("value_model", rm.HEAD_FILE)
+    assert same_files(straight, out, value)  # the value model was restored too, not restarted from the RM
+    assert rows(out) == rows(straight)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
