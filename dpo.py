@@ -4,7 +4,7 @@
     DPO:    L = -logsig(beta*h)
     cDPO:   L = -(1-eps)*logsig(beta*h) - eps*logsig(-beta*h)          --label_smoothing eps
     IPO:    L = (h - 1/(2*beta))^2                                      --loss_type ipo
-    R-DPO:  L = -logsig(beta*h - alpha*(|y_w| - |y_l|))                 --rdpo_alpha alpha
+    R-DPO:  L = -logsig(beta*h - rdpo_alpha*(|y_w| - |y_l|))            --rdpo_alpha
     RPO:    L += rpo_alpha * NLL(y_w), a per-token mean over the chosen --rpo_alpha
     SamPO:  each logp(y) sums only min(|y_w|, |y_l|) of y's tokens, drawn at random without
             replacement (the same tokens for policy and reference)     --sampo
@@ -76,7 +76,7 @@ def parse_args(argv=None):
                            lr=3e-4, max_steps=150, batch_size=16, output_dir="out/dpo")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
-    p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: assumed share of flipped labels, in [0, 0.5)")
+    p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")
     p.add_argument("--rpo_alpha", type=float, default=0.0,
                    help="weight of the chosen NLL (token mean); 0 is plain DPO, the seed (ms-swift) documents 1.0")
     p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
@@ -140,18 +140,20 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, model = common.load_policy(args, device)
-    ref_model = common.frozen(common.load_model(args.ref_model or args.model, device, args.dtype, args.trust_remote_code))
+    ref_path = args.ref_model or args.model
+    ref_model = common.frozen(common.load_model(ref_path, device, args.dtype, args.trust_remote_code))
     if ref_model.config.vocab_size != model.config.vocab_size:
-        raise common.UserError(f"--ref_model {args.ref_model} has another vocabulary than --model {args.model}")
-    rows = common.read_jsonl(args.data, ["prompt", "chosen", "rejected"])
-    examples = common.tokenize(rows, tokenizer, args.max_length, ("chosen", "rejected"))
+        raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
+    fields = ("chosen", "rejected")
+    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
     if toy:  # held-out pairs, scored by the reference once, as the reference never changes
-        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", "chosen", "rejected"])
-        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, ("chosen", "rejected"))
+        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
+        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
         heldout_batch = common.collate_pairs(heldout, pad_id, device)
         with torch.no_grad():
             heldout_ref = common.token_logps(ref_model, heldout_batch)
@@ -169,7 +171,7 @@ def main(argv=None):
         micro = common.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # RPO's token mean
-        stats = torch.zeros(6, dtype=torch.float64)  # the loss, and sums over pairs of r_w, r_l, [r_w > r_l], logp_w, logp_l
+        stats = torch.zeros(6, dtype=torch.float64)  # loss; sums over pairs of r_w, r_l, [r_w > r_l], logp_w, logp_l
         for mb in micro:
             batch = common.collate_pairs(mb, pad_id, device)
             mask = batch["labels"] != -100
@@ -197,8 +199,9 @@ def main(argv=None):
             chosen_r, rejected_r, correct, chosen_lp, rejected_lp = (s / n_pairs for s in sums)
             logger.log(step, {"loss": loss, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
                               "rewards/margins": chosen_r - rejected_r, "rewards/accuracies": correct,
-                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp, "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
+                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, {**evaluate(model, tokenizer, args, device),
                               **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
