@@ -14,7 +14,7 @@ The implicit reward is r(y) = beta*(logp_theta(y|x) - logp_ref(y|x)); the refere
 copy of --model (or --ref_model). L is the mean over the pairs of the global batch.
 
 Data: JSONL with `prompt`, `chosen`, `rejected` (strings or lists of {"role", "content"} messages).
-The defaults suit the toy task (a tiny model, lr 3e-4); real models want --lr ~5e-7.
+The defaults suit the toy task (a tiny model, lr 1e-3); real models want --lr ~5e-7.
 
     python sft.py && python dpo.py                          # toy task, starts from out/sft, CPU
     torchrun --nproc_per_node=8 dpo.py --model my-sft-model --data pairs.jsonl --lr 5e-7 --max_steps 2000
@@ -38,7 +38,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         sigmoid: L = -(1-eps)*logsig(beta*h - margin) - eps*logsig(-(beta*h - margin)),  eps = label_smoothing
         ipo:     L = (h - 1/(2*beta))^2
 
-    `margin` (scalar or (B,)) is R-DPO's alpha*(|y_w| - |y_l|); 0 gives DPO (eps = 0) or cDPO (eps > 0).
+    `margin` (scalar or (B,)) is R-DPO's rdpo_alpha*(|y_w| - |y_l|); 0 gives DPO (eps = 0) or cDPO (eps > 0).
     """
     chosen_ratios = chosen_logps - ref_chosen_logps
     rejected_ratios = rejected_logps - ref_rejected_logps
@@ -73,7 +73,7 @@ def pair_logps(policy_tokens, ref_tokens, mask, args, generator):
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=3e-4, max_steps=150, batch_size=16, output_dir="out/dpo")
+                           lr=1e-3, max_steps=100, batch_size=16, output_dir="out/dpo")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
     p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")

@@ -66,7 +66,8 @@ def test_identical_chosen_and_rejected_give_a_finite_loss():
 
 
 def test_gradient_pushes_chosen_up_and_rejected_down():
-    # dL/d logp_w = -beta * sigmoid(-beta*h) = -0.1 * sigmoid(-0.1) = -0.1 * 0.475021 = -0.0475021; dL/d logp_l = +0.0475021
+    # dL/d logp_w = -beta * sigmoid(-beta*h) = -0.1 * sigmoid(-0.1) = -0.1 * 0.475021 = -0.0475021
+    # dL/d logp_l = +beta * sigmoid(-beta*h) = +0.0475021
     chosen, rejected = t(-1.0).requires_grad_(), t(-2.0).requires_grad_()
     losses, _, _ = dpo.dpo_loss(chosen, rejected, t(-1.5), t(-1.5), beta=0.1)
     losses.sum().backward()
@@ -140,23 +141,39 @@ def read_metrics(out):
 
 def run_dpo(model, data, out, *extra):
     dpo.main(["--model", model, "--data", data, "--output_dir", str(out), "--max_steps", "3", "--batch_size", "8",
-              "--log_every", "1", "--lr", "1e-3", *extra])
+              "--log_every", "1", "--lr", "1e-3", "--rpo_alpha", "1.0", *extra])
     return read_metrics(out)
 
 
-def test_precompute_ref_matches_the_live_reference_and_rpo_adds_the_chosen_nll(sft_model, tmp_path):
-    data = small_pairs(tmp_path)
-    live = run_dpo(sft_model, data, tmp_path / "live", "--rpo_alpha", "1.0")
-    pre = run_dpo(sft_model, data, tmp_path / "pre", "--rpo_alpha", "1.0", "--precompute_ref")
-    for a, b in zip(live, pre):
+def assert_same_run(a, b):
+    for ma, mb in zip(read_metrics(a), read_metrics(b), strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5)
-    wa, wb = load_file(tmp_path / "live" / "model.safetensors"), load_file(tmp_path / "pre" / "model.safetensors")
+            assert ma[key] == pytest.approx(mb[key], abs=1e-5)
+        assert ma["rewards/accuracies"] == mb["rewards/accuracies"]
+    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
-    # step 1: policy == reference, so the DPO term is log 2 and the loss is log 2 + NLL(chosen),
+
+@pytest.fixture(scope="module")
+def live_run(sft_model, tmp_path_factory):
+    """3 steps of DPO + RPO (rpo_alpha 1) with the live reference, batch 8, in one process."""
+    tmp = tmp_path_factory.mktemp("live")
+    data = small_pairs(tmp)
+    run_dpo(sft_model, data, tmp / "out")
+    return data, str(tmp / "out")
+
+
+def test_precompute_ref_matches_the_live_reference(sft_model, live_run, tmp_path):
+    data, live = live_run
+    run_dpo(sft_model, data, tmp_path, "--precompute_ref")
+    assert_same_run(live, str(tmp_path))
+
+
+def test_rpo_adds_the_chosen_token_mean_nll(sft_model, live_run):
+    # step 1: policy == reference, so the DPO term is log 2 and the loss is log 2 + 1.0 * NLL(chosen),
     # the NLL a token mean over the chosen responses of step 1's batch, computed here independently
-    args = dpo.parse_args(["--model", sft_model, "--data", data, "--batch_size", "8"])
+    data, live = live_run
+    args = dpo.parse_args(["--data", data, "--batch_size", "8"])
     tokenizer = common.load_tokenizer(sft_model)
     examples = common.tokenize(common.read_jsonl(data, ["prompt", "chosen", "rejected"]), tokenizer, 512,
                                ("chosen", "rejected"))
@@ -165,11 +182,12 @@ def test_precompute_ref_matches_the_live_reference_and_rpo_adds_the_chosen_nll(s
                                   tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logps, n_tokens = common.sequence_logps(common.load_model(sft_model, torch.device("cpu")), batch)
-    assert live[0]["loss"] == pytest.approx(math.log(2) - logps.sum().item() / n_tokens.sum().item(), abs=1e-5)
+    expected = math.log(2) - logps.sum().item() / n_tokens.sum().item()
+    assert read_metrics(live)[0]["loss"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_identical_pairs_train_without_nan(sft_model, tmp_path):
-    metrics = run_dpo(sft_model, small_pairs(tmp_path, identical=True), tmp_path / "out")
+    metrics = run_dpo(sft_model, small_pairs(tmp_path, identical=True), tmp_path / "out", "--rpo_alpha", "0")
     assert all(m["loss"] == pytest.approx(math.log(2), abs=1e-6) for m in metrics)  # h = 0 for every pair
     assert all(m["grad_norm"] < 1e-6 for m in metrics)  # chosen and rejected gradients cancel (up to rounding)
 
@@ -182,25 +200,21 @@ def test_bad_flags_are_user_errors():
 
 
 def test_end_to_end_heldout_reward_accuracy_rises(sft_model, tmp_path):
-    dpo.main(["--model", sft_model, "--output_dir", str(tmp_path), "--max_steps", "30", "--log_every", "10"])
+    dpo.main(["--model", sft_model, "--output_dir", str(tmp_path), "--max_steps", "20", "--log_every", "10"])
     evals = [m for m in read_metrics(tmp_path) if "eval/rewards/accuracies" in m]
     assert evals[0]["eval/rewards/accuracies"] == 0  # policy == reference: every reward is 0
     assert evals[-1]["eval/rewards/accuracies"] > 0.7
     assert evals[-1]["eval/rewards/margins"] > 0
 
 
-def test_torchrun_two_processes_match_one(sft_model, tmp_path):
-    data = small_pairs(tmp_path)
-    one = run_dpo(sft_model, data, tmp_path / "one", "--rpo_alpha", "1.0")
+def test_torchrun_two_processes_match_one(sft_model, live_run, tmp_path):
+    # 2 processes x batch 4 (FSDP2 on gloo), reference log-probs precomputed and swapped between ranks,
+    # against 1 process x batch 8 with the live reference
+    data, live = live_run
     cmd = ["torchrun", "--nproc_per_node=2", "dpo.py", "--model", sft_model, "--data", data, "--output_dir",
-           str(tmp_path / "two"), "--max_steps", "3", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3",
-           "--rpo_alpha", "1.0"]
+           str(tmp_path), "--max_steps", "3", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3",
+           "--rpo_alpha", "1.0", "--precompute_ref"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = read_metrics(tmp_path / "two")
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["rewards/accuracies"] == b["rewards/accuracies"]
-    wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert_same_run(live, str(tmp_path))
