@@ -93,10 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--precompute_ref", action="store_true",
                    help="score the data with the reference once before training, then free it")
     args = p.parse_args(argv)
-    if not 0 <= args.ld_alpha <= 1:
-        raise common.UserError(f"--ld_alpha must be in [0, 1], got {args.ld_alpha}")
-    if args.beta <= 0:
-        raise common.UserError(f"--beta must be positive, got {args.beta}")
+    common.check_range(args, "ld_alpha", low=0, high=1)
+    common.check_range(args, "beta", above=0)
     if not 0 <= args.label_smoothing < 0.5:
         raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.loss_type == "ipo" and (args.label_smoothing or args.rdpo_alpha):
@@ -150,7 +148,8 @@ def main(argv=None):
 
     tokenizer, model = common.load_policy(args, device)
     ref_path = args.ref_model or args.model
-    ref_model = common.frozen(common.load_model(ref_path, device, args.dtype, args.trust_remote_code))
+    ref_model = common.frozen(common.load_model(ref_path, device, args.dtype, args.trust_remote_code,
+                                                   allow_pickle=args.allow_pickle))
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
@@ -170,12 +169,15 @@ def main(argv=None):
         precompute_ref_logps(ref_model, examples, args, pad_id, device)
         ref_model = None
 
-    logger = common.Logger(args)
-    if toy:
+    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    start = state.resume()
+
+    logger = common.Logger(args, start)
+    if toy and start == 0:
         logger.log(0, {**evaluate(model, tokenizer, args, device),
                        **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
     model.train()
-    for step in range(1, args.max_steps + 1):
+    for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # RPO's token mean
@@ -214,6 +216,7 @@ def main(argv=None):
             logger.log(step, {**evaluate(model, tokenizer, args, device),
                               **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
         logger.bar.update()
+        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)
     logger.close()

@@ -1,5 +1,5 @@
 """Resume, atomic checkpoints, pre-emption and the NaN guard (issue 7), on sft.py and the tiny model;
-exact resume also for rm.py and ppo.py.
+exact resume also for dpo.py, rm.py and ppo.py.
 
 metrics.jsonl rows are compared on every field except `tokens/s*`, the only ones that depend on time.
 The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends time on the toy eval.
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import dpo
 import ppo
 import rm
 import sft
@@ -79,6 +80,23 @@ def test_exact_resume_after_preemption(data, straight, tmp_path, monkeypatch):
     assert same_weights(straight, out)  # bit for bit
     assert rows(out) == rows(straight)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]  # appended, nothing twice
+
+
+def test_dpo_exact_resume_after_preemption(tmp_path, monkeypatch, tiny_model):
+    """The same for dpo.py, with SamPO on: its random token draws must also continue exactly."""
+    data = tmp_path / "pairs.jsonl"
+    with open(os.path.join(DATA_DIR, "pairs.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:32]))
+    flags = FLAGS + ["--model", tiny_model, "--data", str(data), "--sampo"]
+    straight_out, out = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    dpo.main(flags + ["--output_dir", straight_out])
+    sigterm_during_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        dpo.main(flags + ["--output_dir", out])
+    monkeypatch.undo()
+    dpo.main(flags + ["--output_dir", out, "--resume"])
+    assert same_weights(straight_out, out)
+    assert rows(out) == rows(straight_out) and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_path, monkeypatch):
