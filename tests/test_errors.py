@@ -54,6 +54,10 @@ CASES = {
     "ppo_cliprange_zero": ("ppo.py", None, ["--cliprange", "0"], ["--cliprange must be > 0, got 0.0"]),
     "ppo_lam_above_one": ("ppo.py", None, ["--lam", "1.5"], ["--lam must be >= 0 and <= 1, got 1.5"]),
     "rm_negative_center_coef": ("rm.py", None, ["--center_coef", "-1"], ["--center_coef must be >= 0, got -1.0"]),
+    "dpo_beta_zero": ("dpo.py", None, ["--beta", "0"], ["--beta must be > 0, got 0.0"]),
+    "ld_dpo_alpha_above_one": ("ld_dpo.py", None, ["--ld_alpha", "1.5"], ["--ld_alpha must be >= 0 and <= 1, got 1.5"]),
+    "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
+                           ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
 }
 
 
