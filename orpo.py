@@ -1,0 +1,139 @@
+"""ORPO (arXiv 2403.07691): odds-ratio preference optimization, SFT and preference in one loss.
+
+    P(y|x) = exp(avg_logp(y|x)),   log_odds(y) = log(P / (1 - P)) = avg_logp - log(1 - exp(avg_logp))
+    L = NLL(y_w) - lam * logsig(log_odds(y_w) - log_odds(y_l))
+
+avg_logp = logp / |y| is the mean response-token log-prob (EOS included): with summed log-probs
+P would be about 0 and the odds term would vanish. NLL(y_w) is the token mean over every chosen
+response token of the global batch, as in sft.py; the odds-ratio term is the mean over the
+global batch's pairs. No reference model. lam = 0.1 (paper and TRL; the seed, ms-swift, and TRL
+pass it as --beta, which is accepted as an alias of --lam). Rewards are logged as lam * avg_logp,
+with TRL's `log_odds_ratio` (the mean of logsig(log_odds(y_w) - log_odds(y_l))) and
+`log_odds_chosen` (the mean of log_odds(y_w) - log_odds(y_l)).
+
+The paper trains ORPO straight from a base model; here the toy default starts from out/sft like
+the other preference scripts. The defaults suit the toy task; real models want --lr ~5e-6 (the paper's 8e-6).
+
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists). Default: the toy pairs.
+
+    python sft.py && python orpo.py                         # toy task, from out/sft, CPU
+    torchrun --nproc_per_node=8 orpo.py --model Qwen/Qwen2.5-0.5B --data pairs.jsonl --lr 5e-6 --max_steps 2000
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from toy.eval import evaluate, is_toy
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
+    """Per-pair odds-ratio losses -lam * logsig(log_odds) and the log-odds ratios log_odds, each (B,).
+
+        log_odds = (a_w - log(1 - exp(a_w))) - (a_l - log(1 - exp(a_l))),  a = average response log-prob
+
+    log(1 - exp(a)) is taken as log(-expm1(a)), which equals log1p(-exp(a)) but keeps its precision as
+    a -> 0, where 1 - exp(a) cancels; a is capped just below 0 so that P = 1 gives finite odds.
+    """
+    def log1m_exp(a):
+        return torch.log(-torch.expm1(a.clamp(max=-1e-6)))
+
+    log_odds = (chosen_avg_logps - log1m_exp(chosen_avg_logps)) - (rejected_avg_logps - log1m_exp(rejected_avg_logps))
+    return -lam * F.logsigmoid(log_odds), log_odds.detach()
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=3e-4, max_steps=150, batch_size=16, output_dir="out/orpo")
+    p.add_argument("--lam", "--beta", dest="lam", type=float, default=0.1,
+                   help="weight of the odds-ratio term (the paper's lambda; --beta in the seed and TRL)")
+    args = p.parse_args(argv)
+    if args.lam < 0:
+        raise common.UserError(f"--lam must be non-negative, got {args.lam}")
+    return args
+
+
+def pair_losses(tokens, mask, args):
+    """Per-pair (losses, log_odds, chosen_avg_logps, rejected_avg_logps) from (2B, C) per-token log-probs,
+    chosen rows then rejected rows."""
+    chosen, rejected = (tokens.sum(-1) / mask.sum(-1)).chunk(2)
+    return (*orpo_loss(chosen, rejected, args.lam), chosen.detach(), rejected.detach())
+
+
+@torch.no_grad()
+def heldout_rewards(model, batch, args, device):
+    """`eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs (this rank's share in one batch)."""
+    tokens = common.token_logps(model, batch)
+    _, _, chosen, rejected = pair_losses(tokens, batch["labels"] != -100, args)  # rewards: lam * these
+    correct, margin, n = common.all_sum([float((chosen > rejected).sum()),
+                                         float(args.lam * (chosen - rejected).sum()), len(chosen)], device)
+    return {"eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer, model = common.load_policy(args, device)
+    fields = ("chosen", "rejected")
+    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
+    model = common.shard_model(model, device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    pad_id, toy = tokenizer.pad_token_id, is_toy(args)
+
+    if toy:  # held-out pairs
+        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
+        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
+        heldout_batch = common.collate_pairs(heldout, pad_id, device)
+
+    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    start = state.resume()
+
+    logger = common.Logger(args, start)
+    if toy and start == 0:
+        logger.log(0, {**evaluate(model, tokenizer, args, device),
+                       **heldout_rewards(model, heldout_batch, args, device)})
+    model.train()
+    for step in range(start + 1, args.max_steps + 1):
+        micro = common.micro_batches(examples, step - 1, args)
+        n_pairs = args.batch_size * len(micro) * common.world()  # the odds-ratio term is a mean over the global batch
+        (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # NLL's token mean
+        # loss, NLL; sums over pairs of avg_logp(y_w), avg_logp(y_l), [y_w ahead], logsig(log_odds), log_odds
+        stats = torch.zeros(7, dtype=torch.float64)
+        for mb in micro:
+            batch = common.collate_pairs(mb, pad_id, device)
+            policy_tokens = common.token_logps(model, batch)
+            losses, log_odds, chosen, rejected = pair_losses(policy_tokens, batch["labels"] != -100, args)
+            nll = -policy_tokens.chunk(2)[0].sum() / n_chosen
+            loss = losses.sum() / n_pairs + nll
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            stats += torch.stack([loss.detach(), nll.detach(), chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
+                                  F.logsigmoid(log_odds).sum(), log_odds.sum()]).double().cpu()
+            logger.count(batch)
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, nll, *sums = common.all_sum(stats.tolist(), device)
+            chosen_lp, rejected_lp, correct, log_odds_ratio, log_odds_chosen = (s / n_pairs for s in sums)
+            logger.log(step, {"loss": loss, "nll_loss": nll, "rewards/chosen": args.lam * chosen_lp,
+                              "rewards/rejected": args.lam * rejected_lp,
+                              "rewards/margins": args.lam * (chosen_lp - rejected_lp), "rewards/accuracies": correct,
+                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
+                              "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen,
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, {**evaluate(model, tokenizer, args, device),
+                              **heldout_rewards(model, heldout_batch, args, device)})
+        logger.bar.update()
+        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,170 @@
+"""SimPO (and CPO with --loss cpo): preference optimization without a reference model.
+
+SimPO (arXiv 2405.14734), with the length-normalized reward r(y) = beta * avg_logp(y|x):
+
+    L = -logsig(beta * avg_logp(y_w|x) - beta * avg_logp(y_l|x) - gamma)  [+ cpo_alpha * NLL(y_w)]
+
+CPO (arXiv 2401.08417, --loss cpo), DPO with a uniform reference, reward r(y) = beta * logp(y|x):
+
+    L = -logsig(beta * logp(y_w|x) - beta * logp(y_l|x)) + cpo_alpha * NLL(y_w)
+
+logp is the sum of response-token log-probs, avg_logp = logp / |y| (EOS included). NLL(y_w) is
+the token mean over every chosen response token of the global batch, as in sft.py; the
+preference term is the mean over the global batch's pairs. No reference model is loaded.
+
+Defaults: SimPO beta 2.0, gamma 1.0, cpo_alpha 0 (the original SimPO; the seed, ms-swift,
+documents cpo_alpha 1.0, its NLL mix "for stability"). CPO: beta 0.1, cpo_alpha 1.0.
+--lr defaults suit the toy model: 5e-5 for SimPO (which collapses there at 3e-4 without the
+NLL mix), 3e-4 for CPO. SimPO is very sensitive to the learning rate; on real models the
+paper uses 3e-7..1e-6.
+
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists). Default: the toy pairs.
+
+    python sft.py && python simpo.py                         # toy task, from out/sft, CPU
+    python simpo.py --loss cpo                               # CPO
+    torchrun --nproc_per_node=8 simpo.py --model my-sft-model --data pairs.jsonl --lr 5e-7 --max_steps 2000
+    torchrun --nproc_per_node=8 simpo.py --loss cpo --model my-sft-model --data pairs.jsonl --lr 1e-6
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+from toy.eval import evaluate, is_toy
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=1.0):
+    """Per-pair SimPO losses -logsig(r_w - r_l - gamma) with rewards r = beta * logp / |y| (detached).
+
+    chosen_logps, rejected_logps: (B,) summed response log-probs; *_lengths: (B,) response token counts.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    chosen_rewards = beta * chosen_logps / chosen_lengths
+    rejected_rewards = beta * rejected_logps / rejected_lengths
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def cpo_loss(chosen_logps, rejected_logps, beta=0.1):
+    """Per-pair CPO preference losses -logsig(r_w - r_l) with rewards r = beta * logp (detached).
+
+    chosen_logps, rejected_logps: (B,) summed response log-probs. The NLL term is added by the caller.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    chosen_rewards = beta * chosen_logps
+    rejected_rewards = beta * rejected_logps
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def pair_losses(tokens, mask, args):
+    """Per-pair (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) from (2B, C) per-token
+    log-probs, chosen rows then rejected rows; the logps are those the loss uses (averages for simpo, sums for cpo)."""
+    logps, lengths = tokens.sum(-1), mask.sum(-1)
+    if args.loss == "cpo":
+        return (*cpo_loss(*logps.chunk(2), args.beta), *logps.detach().chunk(2))
+    losses = simpo_loss(*logps.chunk(2), *lengths.chunk(2), args.beta, args.gamma)
+    return (*losses, *(logps / lengths).detach().chunk(2))
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=None, max_steps=150, batch_size=16, output_dir="out/simpo")
+    p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"])
+    p.add_argument("--beta", type=float, default=None, help="reward scale (default: 2.0 for simpo, 0.1 for cpo)")
+    p.add_argument("--gamma", type=float, default=None, help="SimPO's target reward margin, the seed's simpo_gamma "
+                   "(default: 1.0; the paper uses gamma/beta about 0.5)")
+    p.add_argument("--cpo_alpha", type=float, default=None,
+                   help="weight of the chosen NLL (token mean); default 0 for simpo, the original SimPO "
+                        "(the seed, ms-swift, documents 1.0), and 1.0 for cpo")
+    args = p.parse_args(argv)
+    cpo = args.loss == "cpo"
+    args.beta = (0.1 if cpo else 2.0) if args.beta is None else args.beta
+    args.cpo_alpha = (1.0 if cpo else 0.0) if args.cpo_alpha is None else args.cpo_alpha
+    args.lr = (3e-4 if cpo else 5e-5) if args.lr is None else args.lr  # on the toy task SimPO collapses at 3e-4
+    if args.beta <= 0:
+        raise common.UserError(f"--beta must be positive, got {args.beta}")
+    if args.cpo_alpha < 0:
+        raise common.UserError(f"--cpo_alpha must be non-negative, got {args.cpo_alpha}")
+    if cpo and args.gamma is not None:
+        raise common.UserError("--gamma is SimPO's reward margin; --loss cpo has none")
+    args.gamma = 1.0 if args.gamma is None else args.gamma
+    return args
+
+
+@torch.no_grad()
+def heldout_rewards(model, batch, args, device):
+    """`eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs (this rank's share in one batch)."""
+    tokens = common.token_logps(model, batch)
+    _, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, batch["labels"] != -100, args)
+    correct, margin, n = common.all_sum([float((chosen_rewards > rejected_rewards).sum()),
+                                         float((chosen_rewards - rejected_rewards).sum()), len(chosen_rewards)], device)
+    return {"eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer, model = common.load_policy(args, device)
+    fields = ("chosen", "rejected")
+    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
+    model = common.shard_model(model, device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    pad_id, toy = tokenizer.pad_token_id, is_toy(args)
+
+    if toy:  # held-out pairs
+        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
+        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
+        heldout_batch = common.collate_pairs(heldout, pad_id, device)
+
+    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    start = state.resume()
+
+    logger = common.Logger(args, start)
+    if toy and start == 0:
+        logger.log(0, {**evaluate(model, tokenizer, args, device),
+                       **heldout_rewards(model, heldout_batch, args, device)})
+    model.train()
+    for step in range(start + 1, args.max_steps + 1):
+        micro = common.micro_batches(examples, step - 1, args)
+        n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
+        (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # NLL's token mean
+        stats = torch.zeros(7, dtype=torch.float64)  # loss, NLL; sums over pairs of r_w, r_l, [r_w>r_l], logp_w, logp_l
+        for mb in micro:
+            batch = common.collate_pairs(mb, pad_id, device)
+            policy_tokens = common.token_logps(model, batch)
+            losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
+                policy_tokens, batch["labels"] != -100, args)
+            nll = -policy_tokens.chunk(2)[0].sum() / n_chosen
+            loss = losses.sum() / n_pairs + args.cpo_alpha * nll
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            stats += torch.stack([loss.detach(), nll.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                  (chosen_rewards > rejected_rewards).sum(), chosen.sum(),
+                                  rejected.sum()]).double().cpu()
+            logger.count(batch)
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, nll, *sums = common.all_sum(stats.tolist(), device)
+            chosen_r, rejected_r, correct, chosen_lp, rejected_lp = (s / n_pairs for s in sums)
+            logger.log(step, {"loss": loss, "nll_loss": nll, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                              "rewards/margins": chosen_r - rejected_r, "rewards/accuracies": correct,
+                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, {**evaluate(model, tokenizer, args, device),
+                              **heldout_rewards(model, heldout_batch, args, device)})
+        logger.bar.update()
+        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)
