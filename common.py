@@ -225,16 +225,84 @@ def gather_logps(logits, labels, chunk_rows=8):
 
 
 def token_logps(model, batch, temperature=1.0):
-    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding."""
+    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding.
+
+    For this one forward the LM head scores the labels itself (HeadLogps) instead of returning
+    logits: it projects only the positions that predict a completion token, a chunk at a time,
+    so no (B, C, V) logits tensor exists, in the forward or in the backward.
+    """
     labels = batch["labels"]
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1, use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # position P-1+j predicts completion token j; the last predicts nothing
-    if temperature != 1.0:
-        logits = logits / temperature
-    return gather_logps(logits, labels)
+    mask = labels != -100
+    head = model.get_output_embeddings()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1, use_cache=False)
+    scored = []
+
+    def score(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
+        scored.append(HeadLogps.apply(hidden[:, :-1][mask], head.weight, head.bias, labels[mask], temperature))
+        return scored[-1]
+
+    own_forward = vars(head).pop("forward", None)  # an instance attribute shadows the class's forward
+    head.forward = score
+    try:
+        out = model(**inputs)
+    finally:
+        del head.forward
+        if own_forward is not None:
+            head.forward = own_forward
+    if out.logits is not scored[-1]:  # the model transforms its head's output (e.g. Gemma-2's soft-capping)
+        logits = model(**inputs).logits[:, :-1]
+        return gather_logps(logits / temperature if temperature != 1.0 else logits, labels)
+    return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
+
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
+
+    The float32 logits exist CHUNK_ELEMENTS at a time: the forward keeps each row's logsumexp
+    only, the backward recomputes a chunk's logits and turns them in place into their gradient,
+    d logp / d logits = (onehot(label) - softmax) / temperature. The chunk is large enough that
+    the matmuls stay efficient (they re-read the (V, H) weight once per chunk).
+    """
+    CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
+
+    @staticmethod
+    def logits(h, weight, bias, temperature):
+        logits = F.linear(h, weight, bias).float()
+        return logits.div_(temperature) if temperature != 1.0 else logits
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature):
+        rows = max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
+        logps, lses = [], []
+        for h, y in zip(hidden.split(rows), labels.split(rows)):
+            logits = HeadLogps.logits(h, weight, bias, temperature)
+            target = logits.gather(-1, y[:, None]).squeeze(-1)
+            top = logits.amax(-1, keepdim=True)  # logsumexp in place: one (rows, V) buffer, no temporaries
+            lses.append(logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1)))
+            logps.append(target - lses[-1])
+        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lses))
+        ctx.rows, ctx.temperature = rows, temperature
+        return torch.cat(logps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        for i, (h, y, lz, g) in enumerate(zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))):
+            grad_logits = HeadLogps.logits(h, weight, bias, ctx.temperature)
+            grad_logits.sub_(lz[:, None]).exp_().mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+            if ctx.temperature != 1.0:
+                grad_logits.div_(ctx.temperature)
+            grad_hidden[i * ctx.rows:i * ctx.rows + len(h)] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
 
 
 def sequence_logps(model, batch, temperature=1.0):
