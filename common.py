@@ -259,50 +259,60 @@ def token_logps(model, batch, temperature=1.0):
 class HeadLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
 
-    The float32 logits exist CHUNK_ELEMENTS at a time: the forward keeps each row's logsumexp
-    only, the backward recomputes a chunk's logits and turns them in place into their gradient,
-    d logp / d logits = (onehot(label) - softmax) / temperature. The chunk is large enough that
-    the matmuls stay efficient (they re-read the (V, H) weight once per chunk).
+    The float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward keeps
+    each row's logsumexp only, the backward recomputes a chunk's logits and turns them in place
+    into their gradient, d logp / d logits = (onehot(label) - softmax) / temperature. Chunks are
+    large enough for efficient matmuls (each chunk re-reads the (V, H) weight).
     """
     CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
 
     @staticmethod
-    def logits(h, weight, bias, temperature):
-        logits = F.linear(h, weight, bias).float()
-        return logits.div_(temperature) if temperature != 1.0 else logits
-
-    @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature):
         rows = max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
-        logps, lses = [], []
-        for h, y in zip(hidden.split(rows), labels.split(rows)):
-            logits = HeadLogps.logits(h, weight, bias, temperature)
-            target = logits.gather(-1, y[:, None]).squeeze(-1)
-            top = logits.amax(-1, keepdim=True)  # logsumexp in place: one (rows, V) buffer, no temporaries
-            lses.append(logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1)))
-            logps.append(target - lses[-1])
-        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lses))
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature)
+                  for h, y in zip(hidden.split(rows), labels.split(rows))]
+        logps, lse = (torch.cat(parts) for parts in zip(*chunks))
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.rows, ctx.temperature = rows, temperature
-        return torch.cat(logps)
+        return logps
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
-        for i, (h, y, lz, g) in enumerate(zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))):
-            grad_logits = HeadLogps.logits(h, weight, bias, ctx.temperature)
-            grad_logits.sub_(lz[:, None]).exp_().mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
-            if ctx.temperature != 1.0:
-                grad_logits.div_(ctx.temperature)
-            grad_hidden[i * ctx.rows:i * ctx.rows + len(h)] = grad_logits.to(weight.dtype) @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h.float())
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+        grad_hidden = torch.cat([
+            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias)
+            for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+    @staticmethod
+    def chunk_logits(h, weight, bias, temperature):
+        logits = F.linear(h, weight, bias).float()
+        return logits.div_(temperature) if temperature != 1.0 else logits
+
+    @staticmethod
+    def chunk_forward(h, y, weight, bias, temperature):
+        """(log-probs, logsumexp) of a chunk's rows; the logsumexp in place, in one (rows, V) buffer."""
+        logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
+        target = logits.gather(-1, y[:, None]).squeeze(-1)
+        top = logits.amax(-1, keepdim=True)
+        lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+        return target - lse, lse
+
+    @staticmethod
+    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias):
+        """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
+        grad_logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
+        grad_logits.sub_(lse[:, None]).exp_().mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        if temperature != 1.0:
+            grad_logits.div_(temperature)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h.float())
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        return grad_logits.to(weight.dtype) @ weight
 
 
 def sequence_logps(model, batch, temperature=1.0):
