@@ -259,30 +259,34 @@ def token_logps(model, batch, temperature=1.0):
 class HeadLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
 
-    The float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward keeps
-    each row's logsumexp only, the backward recomputes a chunk's logits and turns them in place
-    into their gradient, d logp / d logits = (onehot(label) - softmax) / temperature. Chunks are
-    large enough for efficient matmuls (each chunk re-reads the (V, H) weight).
+    d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
+    (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
+    Otherwise the float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward
+    keeps each row's logsumexp only, the backward recomputes a chunk's logits and turns them in
+    place into their gradient. Chunks stay large for efficient matmuls (each re-reads the weight).
     """
     CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
+    KEEP_ELEMENTS = 2**25  # 128 MB: a DPO batch at a 32k vocabulary keeps it; 1k tokens at 128k recompute
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature):
-        rows = max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
-        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature)
+        keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
+        rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep)
                   for h, y in zip(hidden.split(rows), labels.split(rows))]
-        logps, lse = (torch.cat(parts) for parts in zip(*chunks))
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        logps, lse, probs = zip(*chunks)
+        logps, lse = torch.cat(logps), torch.cat(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, probs[0] if keep else None)
         ctx.rows, ctx.temperature = rows, temperature
         return logps
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         grad_hidden = torch.cat([
-            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias)
+            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs)
             for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
@@ -293,19 +297,21 @@ class HeadLogps(torch.autograd.Function):
         return logits.div_(temperature) if temperature != 1.0 else logits
 
     @staticmethod
-    def chunk_forward(h, y, weight, bias, temperature):
-        """(log-probs, logsumexp) of a chunk's rows; the logsumexp in place, in one (rows, V) buffer."""
+    def chunk_forward(h, y, weight, bias, temperature, keep):
+        """(log-probs, logsumexp, softmax if keep) of a chunk's rows, in place in one (rows, V) buffer."""
         logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
         target = logits.gather(-1, y[:, None]).squeeze(-1)
         top = logits.amax(-1, keepdim=True)
-        lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
-        return target - lse, lse
+        total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+        lse = (total.log() + top).squeeze(-1)
+        return target - lse, lse, logits.div_(total) if keep else None
 
     @staticmethod
-    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias):
+    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs):
         """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
-        grad_logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
-        grad_logits.sub_(lse[:, None]).exp_().mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        if probs is None:
+            probs = HeadLogps.chunk_logits(h, weight, bias, temperature).sub_(lse[:, None]).exp_()
+        grad_logits = probs.mul(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
         if temperature != 1.0:
             grad_logits.div_(temperature)
         if grad_weight is not None:

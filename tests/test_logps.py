@@ -42,10 +42,16 @@ def values_and_grads(fn, model, batch, temperature):
     return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("chunk_elements", [2**24, 3 * VOCAB])  # one chunk; chunks of 3 rows (7 rows scored)
+# 7 scored rows: the softmax kept for the backward, or recomputed there in chunks of 3 rows
+LAYOUTS = {"kept": dict(CHUNK_ELEMENTS=2**24, KEEP_ELEMENTS=2**25), "recomputed": dict(CHUNK_ELEMENTS=3 * VOCAB,
+                                                                                    KEEP_ELEMENTS=0)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logps_matches_naive_values_and_gradients(monkeypatch, chunk_elements, temperature):
-    monkeypatch.setattr(common.HeadLogps, "CHUNK_ELEMENTS", chunk_elements)
+def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, temperature):
+    for name, value in LAYOUTS[layout].items():
+        monkeypatch.setattr(common.HeadLogps, name, value)
     model, batch = tiny_llama(), padded_batch()
     fast, fast_grads = values_and_grads(common.token_logps, model, batch, temperature)
     naive, naive_grads = values_and_grads(naive_token_logps, model, batch, temperature)
@@ -63,8 +69,10 @@ def test_token_logps_without_grad_matches_naive():
         torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
 
 
-def test_head_logps_with_bias_matches_naive(monkeypatch):
-    monkeypatch.setattr(common.HeadLogps, "CHUNK_ELEMENTS", 2 * VOCAB)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
+    for name, value in LAYOUTS[layout].items():
+        monkeypatch.setattr(common.HeadLogps, name, value)
     torch.manual_seed(0)
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(VOCAB, 8, requires_grad=True)
