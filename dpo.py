@@ -1,0 +1,215 @@
+"""DPO: direct preference optimisation on (prompt, chosen, rejected) pairs, with cDPO, IPO, RPO, R-DPO and SamPO.
+
+    h = (logp_theta(y_w|x) - logp_ref(y_w|x)) - (logp_theta(y_l|x) - logp_ref(y_l|x))
+    DPO:    L = -logsig(beta*h)
+    cDPO:   L = -(1-eps)*logsig(beta*h) - eps*logsig(-beta*h)          --label_smoothing eps
+    IPO:    L = (h - 1/(2*beta))^2                                      --loss_type ipo
+    R-DPO:  L = -logsig(beta*h - rdpo_alpha*(|y_w| - |y_l|))            --rdpo_alpha
+    RPO:    L += rpo_alpha * NLL(y_w), a per-token mean over the chosen --rpo_alpha
+    SamPO:  each logp(y) sums only min(|y_w|, |y_l|) of y's tokens, drawn at random without
+            replacement (the same tokens for policy and reference)     --sampo
+
+logp(y|x) is the sum of the response-token log-probs; |y| counts response tokens (EOS included).
+The implicit reward is r(y) = beta*(logp_theta(y|x) - logp_ref(y|x)); the reference is a frozen
+copy of --model (or --ref_model). L is the mean over the pairs of the global batch.
+
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or lists of {"role", "content"} messages).
+The defaults suit the toy task (a tiny model, lr 3e-4); real models want --lr ~5e-7.
+
+    python sft.py && python dpo.py                          # toy task, starts from out/sft, CPU
+    torchrun --nproc_per_node=8 dpo.py --model my-sft-model --data pairs.jsonl --lr 5e-7 --max_steps 2000
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+from toy.eval import evaluate, is_toy
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid", margin=0.0):
+    """Per-pair losses (B,) and the implicit rewards beta*(logp - ref_logp) of chosen and rejected (detached).
+
+        h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+        sigmoid: L = -(1-eps)*logsig(beta*h - margin) - eps*logsig(-(beta*h - margin)),  eps = label_smoothing
+        ipo:     L = (h - 1/(2*beta))^2
+
+    `margin` (scalar or (B,)) is R-DPO's alpha*(|y_w| - |y_l|); 0 gives DPO (eps = 0) or cDPO (eps > 0).
+    """
+    chosen_ratios = chosen_logps - ref_chosen_logps
+    rejected_ratios = rejected_logps - ref_rejected_logps
+    h = chosen_ratios - rejected_ratios
+    if loss_type == "sigmoid":
+        z = beta * h - margin
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+def sampo_mask(mask, generator):
+    """SamPO: keep min(|y_w|, |y_l|) random response tokens of each response, without replacement.
+
+    mask: (2B, C) response-token mask, chosen rows then rejected rows. Returns the (2B, C) mask of kept tokens.
+    """
+    keep = torch.minimum(*mask.sum(-1).chunk(2)).repeat(2)
+    keys = torch.rand(mask.shape, generator=generator).to(mask.device).masked_fill(~mask, 2.0)  # padding sorts last
+    place = keys.argsort(-1).argsort(-1)  # each token's place in a random order of its row's tokens
+    return place < keep[:, None]
+
+
+def pair_logps(policy_tokens, ref_tokens, mask, args, generator):
+    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs from (2B, C) per-token log-probs."""
+    if args.sampo:
+        mask = sampo_mask(mask, generator)
+    return (*(policy_tokens * mask).sum(-1).chunk(2), *(ref_tokens * mask).sum(-1).chunk(2))
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=3e-4, max_steps=150, batch_size=16, output_dir="out/dpo")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")
+    p.add_argument("--rpo_alpha", type=float, default=0.0,
+                   help="weight of the chosen NLL (token mean); 0 is plain DPO, the seed (ms-swift) documents 1.0")
+    p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
+    p.add_argument("--sampo", action="store_true", help="SamPO: down-sample both responses to the shorter one's length")
+    p.add_argument("--ref_model", default=None, help="reference model (default: a frozen copy of --model)")
+    p.add_argument("--precompute_ref", action="store_true",
+                   help="score the data with the reference once before training, then free it")
+    args = p.parse_args(argv)
+    if args.beta <= 0:
+        raise common.UserError(f"--beta must be positive, got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.loss_type == "ipo" and (args.label_smoothing or args.rdpo_alpha):
+        raise common.UserError("--loss_type ipo takes neither --label_smoothing nor --rdpo_alpha")
+    return args
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, examples, args, pad_id, device):
+    """--precompute_ref: store each pair's reference per-token log-probs on it (`ref_chosen`, `ref_rejected`).
+
+    Rank r scores the r-th contiguous share, then ranks swap results: later epochs reshuffle which rank
+    sees which pair. Every rank runs the same number of forwards, as FSDP's collectives require.
+    """
+    share = math.ceil(len(examples) / common.world())
+    mine = examples[common.rank() * share:(common.rank() + 1) * share]
+    scored = []
+    for i in range(0, share, args.batch_size):
+        chunk = mine[i:i + args.batch_size]
+        tokens = common.token_logps(ref_model, common.collate_pairs(chunk or examples[:1], pad_id, device)).cpu()
+        scored += [(tokens[j, :len(e["chosen"])].clone(), tokens[len(chunk) + j, :len(e["rejected"])].clone())
+                   for j, e in enumerate(chunk)]
+    if dist.is_initialized():
+        shares = [None] * common.world()
+        dist.all_gather_object(shares, scored)
+        scored = [s for part in shares for s in part]
+    for e, (chosen, rejected) in zip(examples, scored):
+        e["ref_chosen"], e["ref_rejected"] = chosen, rejected
+
+
+def precomputed_ref_tokens(examples, device):
+    """The (2B, C) reference per-token log-probs of a micro-batch, from precompute_ref_logps."""
+    rows = [e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
+
+
+@torch.no_grad()
+def heldout_rewards(model, batch, ref_tokens, args, device):
+    """`eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs (this rank's share in one batch)."""
+    generator = torch.Generator().manual_seed(args.seed)  # the same SamPO draw at every evaluation
+    logps = pair_logps(common.token_logps(model, batch), ref_tokens, batch["labels"] != -100, args, generator)
+    _, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta=args.beta)
+    correct, margin, n = common.all_sum([float((chosen_rewards > rejected_rewards).sum()),
+                                         float((chosen_rewards - rejected_rewards).sum()), len(chosen_rewards)], device)
+    return {"eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    tokenizer, model = common.load_policy(args, device)
+    ref_path = args.ref_model or args.model
+    ref_model = common.frozen(common.load_model(ref_path, device, args.dtype, args.trust_remote_code))
+    if ref_model.config.vocab_size != model.config.vocab_size:
+        raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
+    fields = ("chosen", "rejected")
+    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
+    model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    pad_id, toy = tokenizer.pad_token_id, is_toy(args)
+
+    if toy:  # held-out pairs, scored by the reference once, as the reference never changes
+        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
+        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
+        heldout_batch = common.collate_pairs(heldout, pad_id, device)
+        with torch.no_grad():
+            heldout_ref = common.token_logps(ref_model, heldout_batch)
+    if args.precompute_ref:
+        precompute_ref_logps(ref_model, examples, args, pad_id, device)
+        ref_model = None
+
+    logger = common.Logger(args)
+    if toy:
+        logger.log(0, {**evaluate(model, tokenizer, args, device),
+                       **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
+    generator = torch.Generator().manual_seed(args.seed + common.rank())  # SamPO's draws
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        micro = common.micro_batches(examples, step - 1, args)
+        n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
+        (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # RPO's token mean
+        stats = torch.zeros(6, dtype=torch.float64)  # loss; sums over pairs of r_w, r_l, [r_w > r_l], logp_w, logp_l
+        for mb in micro:
+            batch = common.collate_pairs(mb, pad_id, device)
+            mask = batch["labels"] != -100
+            policy_tokens = common.token_logps(model, batch)
+            with torch.no_grad():
+                ref_tokens = (common.token_logps(ref_model, batch) if ref_model is not None
+                              else precomputed_ref_tokens(mb, device))
+            chosen, rejected, ref_chosen, ref_rejected = pair_logps(policy_tokens, ref_tokens, mask, args, generator)
+            chosen_len, rejected_len = mask.sum(-1).chunk(2)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type,
+                margin=args.rdpo_alpha * (chosen_len - rejected_len))
+            loss = losses.sum() / n_pairs
+            if args.rpo_alpha:
+                loss = loss - args.rpo_alpha * policy_tokens.chunk(2)[0].sum() / n_chosen
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            stats += torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                  (chosen_rewards > rejected_rewards).sum(), chosen.detach().sum(),
+                                  rejected.detach().sum()]).double().cpu()
+            logger.count(batch)
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, *sums = common.all_sum(stats.tolist(), device)
+            chosen_r, rejected_r, correct, chosen_lp, rejected_lp = (s / n_pairs for s in sums)
+            logger.log(step, {"loss": loss, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                              "rewards/margins": chosen_r - rejected_r, "rewards/accuracies": correct,
+                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, {**evaluate(model, tokenizer, args, device),
+                              **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
+        logger.bar.update()
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)
