@@ -1,0 +1,213 @@
+"""KTO: Kahneman-Tversky Optimization on unpaired feedback (arXiv 2402.01306).
+
+Each example is one response labelled desirable or undesirable, with no pair. With
+r = logp_theta(y|x) - logp_ref(y|x) (per-sequence sums) and the reference point z0:
+
+    desirable:    L = lambda_D * (1 - sigma(beta * (r - z0)))
+    undesirable:  L = lambda_U * (1 - sigma(beta * (z0 - r)))
+
+The loss is the mean over every example of the global batch. z0 is a KL estimate, re-estimated
+every step under no_grad on mismatched pairs (x_i, y_j), j != i (neighbours within each
+micro-batch, see mismatched_order; hence --batch_size >= 2), and clamped at 0:
+
+    z0 = max(0, mean over the global batch's mismatched pairs of logp_theta(y_j|x_i) - logp_ref(y_j|x_i))
+
+The paper recommends lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] (n_D, n_U: desirable and
+undesirable examples); a warning suggests weights when the data is outside. The logged reward
+is beta * r (TRL's convention). The reference model is a frozen copy of --model.
+
+Data: JSONL with `prompt`, `completion` and a boolean `label` (true: desirable), plain strings
+or lists of {"role", "content"} messages. A pairwise file (`prompt`, `chosen`, `rejected`; told
+apart by the fields of its first row) is accepted too: each pair becomes one desirable example
+(the chosen response) and one undesirable example (the rejected one). Default: the toy task.
+
+    python sft.py && python kto.py                         # toy task, from the toy SFT policy, CPU
+    torchrun --nproc_per_node=8 kto.py --model my-sft --data my.jsonl --lr 5e-7 --max_steps 2000
+"""
+import os
+import sys
+
+import torch
+
+import common
+from toy.eval import evaluate, is_toy
+
+EVAL_PAIRS = os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl")  # held-out: chosen desirable, rejected not
+
+
+def kto_loss(policy_logps, ref_logps, labels, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """Per-example KTO losses and rewards beta * r, with r = policy_logps - ref_logps.
+
+        labels True (desirable):   desirable_weight   * (1 - sigmoid(beta * (r - kl)))
+        labels False (undesirable): undesirable_weight * (1 - sigmoid(beta * (kl - r)))
+
+    policy_logps, ref_logps: (B,) summed completion log-probs. labels: (B,) bool.
+    kl: the reference point z0, a scalar already clamped at 0 and detached (see reference_point):
+    no gradient flows through it. The rewards are detached.
+    """
+    r = policy_logps - ref_logps
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (r - kl)))
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (kl - r)))
+    return torch.where(labels, desirable, undesirable), beta * r.detach()
+
+
+def reference_point(policy_logps, ref_logps):
+    """z0 = max(0, mean of policy_logps - ref_logps), detached, the mean taken over every rank's
+    mismatched pairs (one all-reduce of their sum and count)."""
+    logratios = (policy_logps - ref_logps).detach()
+    total, count = common.all_sum([float(logratios.sum()), logratios.numel()], logratios.device)
+    return torch.tensor(max(0.0, total / count), device=logratios.device)
+
+
+def mismatched_order(n):
+    """For each prompt i of a micro-batch of n >= 2 examples, the example whose completion it is
+    paired with for z0: the neighbour in blocks of two (1, 0, 3, 2, ...), and, when n is odd, a
+    roll by one over the last three. Never i itself. The blocks stay inside each rank's slice when
+    --batch_size is even, so W processes pair exactly as one process with W times the batch."""
+    order = [i ^ 1 for i in range(n)]
+    if n % 2:
+        order[-3:] = [n - 1, n - 3, n - 2]
+    return order
+
+
+def collate_with_mismatched(examples, pad_id, device):
+    """The B matched rows (x_i, y_i), then the B mismatched rows (x_i, y_order[i]) that estimate z0.
+    Both halves hold the same prompts and completions, so they pad to the same shape."""
+    prompts = [e["prompt"] for e in examples]
+    completions = [e["completion"] for e in examples]
+    mismatched = [completions[j] for j in mismatched_order(len(examples))]
+    return common.collate(prompts * 2, completions + mismatched, pad_id, device)
+
+
+def rows_slice(batch, start, stop):
+    """Rows start:stop of every tensor of a batch (the matched or the mismatched half)."""
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def read_feedback(path):
+    """Unpaired rows (prompt, completion, label). A pairwise file, told apart by its first row, gives
+    one desirable row (chosen) and one undesirable row (rejected) per pair."""
+    # the first read only checks prompts and finds the format; parsing twice is cheap next to training
+    if "chosen" not in common.read_jsonl(path, ["prompt"])[0]:
+        return common.read_jsonl(path, ["prompt", "completion", "label"])
+    pairs = common.read_jsonl(path, ["prompt", "chosen", "rejected"])
+    return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen")
+            for p in pairs for field in ("chosen", "rejected")]
+
+
+def weight_warning(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
+    """A warning (or None) when desirable_weight*n_D / (undesirable_weight*n_U) is outside [1, 4/3],
+    the range the KTO paper recommends, with weights that bring it to 7/6, mid-range."""
+    if n_desirable == 0 or n_undesirable == 0:
+        return (f"the data has {n_desirable} desirable and {n_undesirable} undesirable examples; "
+                "KTO learns best from both")
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    if ratio < 1:
+        fix = f"--desirable_weight {7 / 6 * undesirable_weight * n_undesirable / n_desirable:.3g}"
+    else:
+        fix = f"--undesirable_weight {desirable_weight * n_desirable / (7 / 6 * n_undesirable):.3g}"
+    return (f"desirable_weight*n_D / (undesirable_weight*n_U) = {desirable_weight}*{n_desirable} / "
+            f"({undesirable_weight}*{n_undesirable}) = {ratio:.3g}, outside the recommended [1, 4/3]; try {fix}")
+
+
+@torch.no_grad()
+def heldout_margin(model, reference, tokenizer, args, device):
+    """`eval/rewards/margins`: the mean reward of the held-out desirable (chosen) responses minus
+    that of the undesirable (rejected) ones, on the toy task's eval pairs."""
+    rows = common.read_jsonl(EVAL_PAIRS, ["prompt", "chosen", "rejected"])[common.rank()::common.world()]
+    batch = common.collate_pairs(common.tokenize(rows, tokenizer, args.max_length, ("chosen", "rejected")),
+                                 tokenizer.pad_token_id, device)
+    model.eval()
+    rewards = args.beta * (common.sequence_logps(model, batch)[0] - common.sequence_logps(reference, batch)[0])
+    model.train()
+    n = len(rows)
+    chosen, rejected, count = common.all_sum([float(rewards[:n].sum()), float(rewards[n:].sum()), n], device)
+    return {"eval/rewards/margins": (chosen - rejected) / count}
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "unpaired.jsonl"),
+                           model=common.SFT_MODEL_DIR, lr=5e-4, max_steps=200, output_dir="out/kto")
+    p.add_argument("--beta", type=float, default=0.1, help="KTO beta: the scale of r inside the sigmoid")
+    p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable losses")
+    p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable losses")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    if args.batch_size < 2:
+        raise common.UserError("--batch_size must be at least 2: z0 is estimated on mismatched pairs of each micro-batch")
+    if min(args.beta, args.desirable_weight, args.undesirable_weight) <= 0:
+        raise common.UserError("--beta, --desirable_weight and --undesirable_weight must be positive")
+    device = common.setup(args)
+
+    tokenizer, model = common.load_policy(args, device)
+    reference = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code))
+    rows = read_feedback(args.data)
+    examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
+    n_desirable = sum(e["label"] for e in examples)
+    warning = weight_warning(n_desirable, len(examples) - n_desirable, args.desirable_weight, args.undesirable_weight)
+    if warning and common.rank() == 0:
+        print(f"warning: {warning}", file=sys.stderr)
+    model = common.shard_model(model, device)
+    reference = common.shard_model(reference, device)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    toy = is_toy(args)
+    n_global = args.batch_size * args.grad_accum * common.world()
+
+    logger = common.Logger(args)
+    if toy:
+        logger.log(0, {**evaluate(model, tokenizer, args, device), **heldout_margin(model, reference, tokenizer, args, device)})
+    model.train()
+    for step in range(1, args.max_steps + 1):
+        micro = common.micro_batches(examples, step - 1, args)
+        batches = [collate_with_mismatched(mb, tokenizer.pad_token_id, device) for mb in micro]
+        # z0 first, from every micro-batch's mismatched half; the reference scores both halves at once
+        with torch.no_grad():
+            ref_logps = [common.sequence_logps(reference, b)[0] for b in batches]
+            policy_mismatched = [common.sequence_logps(model, rows_slice(b, len(mb), None))[0]
+                                 for b, mb in zip(batches, micro)]
+        z0 = reference_point(torch.cat(policy_mismatched), torch.cat([r[len(mb):] for r, mb in zip(ref_logps, micro)]))
+
+        # loss, n_D, n_U, reward and logp sums of desirable, then of undesirable examples
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        for batch, ref, mb in zip(batches, ref_logps, micro):
+            matched = rows_slice(batch, 0, len(mb))
+            labels = torch.tensor([e["label"] for e in mb], device=device)
+            logps = common.sequence_logps(model, matched)[0]
+            losses, rewards = kto_loss(logps, ref[:len(mb)], labels, z0, args.beta,
+                                       args.desirable_weight, args.undesirable_weight)
+            (losses.sum() / n_global * common.world()).backward()  # FSDP averages gradients over ranks
+            logger.count(matched)
+            logps = logps.detach()
+            sums += torch.stack([losses.detach().sum(), labels.sum(), (~labels).sum(),
+                                 rewards[labels].sum(), logps[labels].sum(),
+                                 rewards[~labels].sum(), logps[~labels].sum()]).double()
+        grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss, n_d, n_u, reward_d, logp_d, reward_u, logp_u = common.all_sum(sums.tolist(), device)
+            metrics = {"loss": loss / n_global, "kl": float(z0)}
+            if n_d:  # a class absent from the global batch is left out, not logged as NaN
+                metrics.update({"rewards/chosen": reward_d / n_d, "logps/chosen": logp_d / n_d})
+            if n_u:
+                metrics.update({"rewards/rejected": reward_u / n_u, "logps/rejected": logp_u / n_u})
+            if n_d and n_u:
+                metrics["rewards/margins"] = reward_d / n_d - reward_u / n_u
+            logger.log(step, {**metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens/s": logger.tokens_per_second(device)})
+        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, {**evaluate(model, tokenizer, args, device),
+                              **heldout_margin(model, reference, tokenizer, args, device)})
+        logger.bar.update()
+
+    common.save_checkpoint(model, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)
