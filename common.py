@@ -228,8 +228,8 @@ def token_logps(model, batch, temperature=1.0):
     """Per-token log-probs (B, C) of the completion columns, 0.0 on padding.
 
     For this one forward the LM head scores the labels itself (HeadLogps) instead of returning
-    logits: it projects only the positions that predict a completion token, a chunk at a time,
-    so no (B, C, V) logits tensor exists, in the forward or in the backward.
+    logits: it projects only the positions that predict a completion token (no prompt, no
+    padding), and its float32 logits stay within HeadLogps' memory budget, forward and backward.
     """
     labels = batch["labels"]
     mask = labels != -100
@@ -250,7 +250,7 @@ def token_logps(model, batch, temperature=1.0):
         del head.forward
         if own_forward is not None:
             head.forward = own_forward
-    if out.logits is not scored[-1]:  # the model transforms its head's output (e.g. Gemma-2's soft-capping)
+    if not scored or out.logits is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
         logits = model(**inputs).logits[:, :-1]
         return gather_logps(logits / temperature if temperature != 1.0 else logits, labels)
     return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
