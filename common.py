@@ -262,16 +262,100 @@ def gather_logps(logits, labels, chunk_rows=8):
 
 
 def token_logps(model, batch, temperature=1.0):
-    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding."""
+    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding.
+
+    For this one forward the LM head scores the labels itself (HeadLogps) instead of returning
+    logits: it projects only the positions that predict a completion token (no prompt, no
+    padding), and its float32 logits stay within HeadLogps' memory budget, forward and backward.
+    """
     labels = batch["labels"]
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1, use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # position P-1+j predicts completion token j; the last predicts nothing
-    if temperature != 1.0:
-        logits = logits / temperature
-    return gather_logps(logits, labels)
+    mask = labels != -100
+    head = model.get_output_embeddings()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1, use_cache=False)
+    scored = []
+
+    def score(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
+        scored.append(HeadLogps.apply(hidden[:, :-1][mask], head.weight, head.bias, labels[mask], temperature))
+        return scored[-1]
+
+    own_forward = vars(head).pop("forward", None)  # an instance attribute shadows the class's forward
+    head.forward = score
+    try:
+        out = model(**inputs)
+    finally:
+        del head.forward
+        if own_forward is not None:
+            head.forward = own_forward
+    if not scored or out.logits is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
+        logits = model(**inputs).logits[:, :-1]
+        return gather_logps(logits / temperature if temperature != 1.0 else logits, labels)
+    return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
+
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
+
+    d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
+    (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
+    Otherwise the float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward
+    keeps each row's logsumexp only, the backward recomputes a chunk's logits and turns them in
+    place into their gradient. Chunks stay large for efficient matmuls (each re-reads the weight).
+    """
+    CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
+    KEEP_ELEMENTS = 2**25  # 128 MB: a DPO batch at a 32k vocabulary keeps it; 1k tokens at 128k recompute
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature):
+        keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
+        rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep)
+                  for h, y in zip(hidden.split(rows), labels.split(rows))]
+        logps, lse, probs = zip(*chunks)
+        logps, lse = torch.cat(logps), torch.cat(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, probs[0] if keep else None)
+        ctx.rows, ctx.temperature = rows, temperature
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        grad_hidden = torch.cat([
+            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs)
+            for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+    @staticmethod
+    def chunk_logits(h, weight, bias, temperature):
+        logits = F.linear(h, weight, bias).float()
+        return logits.div_(temperature) if temperature != 1.0 else logits
+
+    @staticmethod
+    def chunk_forward(h, y, weight, bias, temperature, keep):
+        """(log-probs, logsumexp, softmax if keep) of a chunk's rows, in place in one (rows, V) buffer."""
+        logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
+        target = logits.gather(-1, y[:, None]).squeeze(-1)
+        top = logits.amax(-1, keepdim=True)
+        total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+        lse = (total.log() + top).squeeze(-1)
+        return target - lse, lse, logits.div_(total) if keep else None
+
+    @staticmethod
+    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs):
+        """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
+        if probs is None:
+            probs = HeadLogps.chunk_logits(h, weight, bias, temperature).sub_(lse[:, None]).exp_()
+        grad_logits = probs.mul(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        if temperature != 1.0:
+            grad_logits.div_(temperature)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h.float())
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        return grad_logits.to(weight.dtype) @ weight
 
 
 def sequence_logps(model, batch, temperature=1.0):

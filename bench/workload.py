@@ -1,0 +1,75 @@
+"""The benchmark workload, built offline: a ~20M-parameter Llama with a 32k word-level vocabulary,
+and fixed-length data (prompt 64 tokens with BOS, completions 128 tokens with EOS).
+
+Every row has the same length, so every implementation sees exactly the same tokens and no
+padding: the comparison is of the training step, not of the collators.
+"""
+import json
+import os
+import random
+
+PROMPT_TOKENS, COMPLETION_TOKENS = 64, 128  # BOS + 63 words; 127 words + EOS
+N_PAIRS = 64
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def model_config(vocab_size=32000, hidden_size=256, layers=4):
+    """Llama-style: 4 layers, hidden 256, 4 heads, SwiGLU 704; 19.6M parameters at 32k vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=704, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def build_model(out_dir, seed=0):
+    """Random weights and a word-level tokenizer ("w4" .. "w31999") saved as a HF directory."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = model_config()
+    vocab = {w: i for i, w in enumerate(SPECIALS + [f"w{i}" for i in range(len(SPECIALS), config.vocab_size)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def words(rng, n):
+    return " ".join(f"w{rng.randrange(len(SPECIALS), 32000)}" for _ in range(n))
+
+
+def build_data(out_dir, seed=0):
+    """pairs.jsonl (DPO), sft.jsonl and unpaired.jsonl (KTO, half desirable) from the same texts.
+
+    Completions start with a space: TRL tokenizes prompt + completion as one string."""
+    rng = random.Random(seed)
+    pairs = [{"prompt": words(rng, PROMPT_TOKENS - 1), "chosen": " " + words(rng, COMPLETION_TOKENS - 1),
+              "rejected": " " + words(rng, COMPLETION_TOKENS - 1)} for _ in range(N_PAIRS)]
+    single = [{"prompt": p["prompt"], "completion": p[k]} for p in pairs for k in ("chosen", "rejected")]
+    files = {
+        "pairs.jsonl": pairs,
+        "sft.jsonl": single,
+        "unpaired.jsonl": [dict(row, label=i % 2 == 0) for i, row in enumerate(single)],
+    }
+    for name, rows in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def build(out_dir):
+    """The model in out_dir/model and the data files in out_dir, unless already there."""
+    model_dir = os.path.join(out_dir, "model")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        os.makedirs(model_dir, exist_ok=True)
+        build_model(model_dir)
+        build_data(out_dir)
+    return model_dir

@@ -1,0 +1,109 @@
+"""common.token_logps (the chunked LM-head path, HeadLogps) against the naive form:
+full (B, T, V) logits, log_softmax, gather. Values and gradients, left and right padding, 32k+ vocab."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import common
+
+VOCAB = 33000  # above 32k, and not a multiple of any chunk size used below
+
+
+def tiny_llama(seed=0, vocab=VOCAB):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def naive_token_logps(model, batch, temperature=1.0):
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    logits = logits[:, -labels.shape[1] - 1:-1] / temperature  # position P-1+j predicts completion token j
+    logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logps.masked_fill(labels == -100, 0.0)
+
+
+def padded_batch():
+    # prompts of 3, 1 and 2 tokens (left padding), completions of 2, 4 and 1 tokens (right padding);
+    # the last token id is the vocabulary's last
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    completions = [[11, 12], [13, 14, 15, 16], [VOCAB - 1]]
+    return common.collate(prompts, completions, 0, torch.device("cpu"))
+
+
+def values_and_grads(fn, model, batch, temperature):
+    model.zero_grad()
+    logps = fn(model, batch, temperature)
+    weights = torch.arange(1.0, 1.0 + logps.numel()).view_as(logps)  # a different gradient at every position
+    (logps * weights).sum().backward()
+    return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+# 7 scored rows: the softmax kept for the backward, or recomputed there in chunks of 3 rows
+LAYOUTS = {"kept": dict(CHUNK_ELEMENTS=2**24, KEEP_ELEMENTS=2**25), "recomputed": dict(CHUNK_ELEMENTS=3 * VOCAB,
+                                                                                    KEEP_ELEMENTS=0)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, temperature):
+    for name, value in LAYOUTS[layout].items():
+        monkeypatch.setattr(common.HeadLogps, name, value)
+    model, batch = tiny_llama(), padded_batch()
+    fast, fast_grads = values_and_grads(common.token_logps, model, batch, temperature)
+    naive, naive_grads = values_and_grads(naive_token_logps, model, batch, temperature)
+    assert (fast[batch["labels"] == -100] == 0).all()
+    assert (fast[batch["labels"] != -100] < 0).all()
+    torch.testing.assert_close(fast, naive, rtol=0, atol=2e-6)
+    for name, grad in naive_grads.items():  # float32 sums in another order: relative to the gradient's scale
+        assert (fast_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
+
+
+def test_token_logps_without_grad_matches_naive():
+    model, batch = tiny_llama(), padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
+    for name, value in LAYOUTS[layout].items():
+        monkeypatch.setattr(common.HeadLogps, name, value)
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(VOCAB, 8, requires_grad=True)
+    bias = torch.randn(VOCAB, requires_grad=True)
+    labels = torch.tensor([0, 7, VOCAB - 1, 123, 7])
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0])
+    fast = common.HeadLogps.apply(hidden, weight, bias, labels, 2.0)
+    fast_grads = torch.autograd.grad((fast * upstream).sum(), (hidden, weight, bias))
+    naive = (F.linear(hidden, weight, bias) / 2.0).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+    naive_grads = torch.autograd.grad((naive * upstream).sum(), (hidden, weight, bias))
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+    for got, want in zip(fast_grads, naive_grads):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+class ScaledLlama(LlamaForCausalLM):
+    """A model that changes its head's output after the head, as Gemma-2's soft-capping does."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 2 * out.logits
+        return out
+
+
+def test_model_that_transforms_its_logits_is_scored_plainly():
+    torch.manual_seed(0)
+    plain = tiny_llama()
+    model = ScaledLlama(plain.config)
+    model.load_state_dict(plain.state_dict())
+    batch = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
+        # and not the head's own log-probs, which would ignore the doubling
+        assert not torch.allclose(common.token_logps(model, batch), common.token_logps(plain, batch))
