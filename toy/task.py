@@ -131,11 +131,15 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, seed=0):
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = f"{out_dir}.tmp{os.getpid()}"  # several torchrun ranks may build it at once: the first rename wins
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not os.path.isdir(out_dir):
+            raise
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
