@@ -1,5 +1,7 @@
 """common.py: log-prob gathering, label masks, data validation, truncation and collation."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -160,6 +162,7 @@ def test_pad_token_falls_back_to_eos(tmp_path, tokenizer):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config.pop("pad_token")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(TINY_MODEL_DIR, "config.json"), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")  # check_model_path only looks for the file
     reloaded = common.load_tokenizer(str(tmp_path))
     assert reloaded.pad_token == reloaded.eos_token == "</s>"
