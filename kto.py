@@ -85,13 +85,13 @@ def rows_slice(batch, start, stop):
 
 
 def read_feedback(path):
-    """Unpaired rows (prompt, completion, label). A pairwise file, told apart by its first row, gives
-    one desirable row (chosen) and one undesirable row (rejected) per pair."""
-    # the first read only checks prompts and finds the format; parsing twice is cheap next to training
-    if "chosen" not in common.read_jsonl(path, ["prompt"])[0]:
-        return common.read_jsonl(path, ["prompt", "completion", "label"])
-    pairs = common.read_jsonl(path, ["prompt", "chosen", "rejected"])
-    return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen")
+    """Unpaired rows (prompt, completion, label). A pairwise file (any pair shape), told apart by its
+    first row, gives one desirable row (chosen) and one undesirable row (rejected) per pair."""
+    # the first read only finds the format; parsing twice is cheap next to training
+    if "chosen" not in common.read_jsonl(path, [])[0]:
+        return common.read_data(path, ("completion", "label"))
+    pairs = common.read_data(path, ("chosen", "rejected"))
+    return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen", _where=p["_where"])
             for p in pairs for field in ("chosen", "rejected")]
 
 

@@ -153,7 +153,7 @@ def main(argv=None):
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
-    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    rows = common.read_data(args.data, fields)
     examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)

@@ -78,7 +78,7 @@ def main(argv=None):
 
     tokenizer, model = common.load_policy(args, device)
     fields = ("chosen", "rejected")
-    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    rows = common.read_data(args.data, fields)
     examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)

@@ -123,9 +123,9 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    fields = ["prompt", "chosen", "rejected"]
-    examples = common.tokenize(common.read_jsonl(args.data, fields), tokenizer, args.max_length, fields[1:])
-    held_out = (common.tokenize(common.read_jsonl(args.eval_data, fields), tokenizer, args.max_length, fields[1:])
+    fields = ("chosen", "rejected")
+    examples = common.tokenize(common.read_data(args.data, fields), tokenizer, args.max_length, fields)
+    held_out = (common.tokenize(common.read_data(args.eval_data, fields), tokenizer, args.max_length, fields)
                 if args.eval_data else None)
     backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
     if args.gradient_checkpointing:

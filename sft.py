@@ -41,7 +41,7 @@ def main(argv=None):
     common.check_args(args)
     device = common.setup(args)
 
-    rows = common.read_jsonl(args.data, ["prompt", "completion"])
+    rows = common.read_data(args.data, ("completion",))
     tokenizer, model = common.load_policy(args, device)
     examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
     model = common.shard_model(model, device)
