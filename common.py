@@ -555,8 +555,8 @@ def chat_pieces(tokenizer, prompt, completion, where):
             continue
         head, end = render(i, True), render(i + 1)
         if not (full.startswith(head) and full.startswith(end) and pos <= len(head) <= len(end)):
-            raise UserError(f"{where}: the chat template renders the first {i} messages differently from the start of "
-                            "the whole conversation (it rewrites earlier turns), so the assistant turns cannot be "
+            raise UserError(f"{where}: the chat template renders messages 1-{i + 1} differently from the start of the "
+                            "whole conversation (it rewrites earlier turns), so the assistant turns cannot be "
                             "located; use a template that renders each turn the same way, or one reply per row")
         pieces += [(full[pos: len(head)], False), (full[len(head): len(end)], True)]
         pos = len(end)
