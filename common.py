@@ -433,10 +433,11 @@ def row_shape(row, fields):
         return "implicit prompt"
     if fields == ("chosen", "rejected") and repeats_prompt(row.get("chosen")) and repeats_prompt(row.get("rejected")):
         return "H4"
-    text = all(isinstance(row[f], str) for f in ("prompt", *fields) if f in row and f != "label")
-    return "/".join(["prompt", *fields]) + (" text" if text else " chat")
+    chat = any(isinstance(row[f], list) for f in ("prompt", *fields) if f in row and f != "label")
+    return "/".join(["prompt", *fields]) + (" chat" if chat else " text")
 
 
+NOTES = []  # lines about the input (the detected data shapes), printed once every check has passed (Logger)
 SHAPES = {  # what the one stderr line says about each detected shape
     "messages": "conversations, loss on every assistant turn and nothing else",
     "implicit prompt": "chosen/rejected conversations; the prompt is the messages they share",
@@ -451,7 +452,7 @@ def read_data(path, fields):
 
     fields: ("completion",) for SFT, ("chosen", "rejected") for pairs, ("completion", "label") for
     unpaired feedback, () for prompts. The first row's fields pick the shape (one stderr line says
-    which); every later row must have it. Chat rows come out as a list of prompt messages and
+    which, in NOTES); every later row must have it. Chat rows come out as a list of prompt messages and
     completions that start with an assistant turn; only SFT completions may hold later user turns,
     which are never scored. A string beside messages is a user prompt or an assistant reply.
     """
@@ -481,8 +482,7 @@ def read_data(path, fields):
             if f != "label":
                 check_reply(row[f], f, fields, where)
     if rank() == 0:
-        print(f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})",
-              file=sys.stderr)
+        NOTES.append(f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})")
     return rows
 
 
@@ -689,6 +689,8 @@ class Logger:
         self.path, self.start = os.path.join(args.output_dir, "metrics.jsonl"), start
         self.bar = tqdm(total=args.max_steps, initial=start, disable=rank() != 0, dynamic_ncols=True)
         self.file, self.tokens, self.t0 = None, 0, time.perf_counter()
+        while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
+            tqdm.write(NOTES.pop(0), file=sys.stderr)
 
     def count(self, batch):
         self.tokens += int(batch["attention_mask"].sum())

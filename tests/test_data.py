@@ -49,13 +49,13 @@ def encode(tokenizer, text):
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def test_two_turn_conversation_scores_both_assistant_turns_and_nothing_else(tmp_path, qwen, capsys):
+def test_two_turn_conversation_scores_both_assistant_turns_and_nothing_else(tmp_path, qwen):
     """The rendered conversation, split by hand at ChatML's turn boundaries: the prompt is everything up
     to the first assistant header; the completion holds "cat dog<|im_end|>" (scored), the newline, the
     second user turn and the assistant header (not scored), then "apple<|im_end|>" (scored)."""
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [user("hi"), assistant("cat")]}])
     rows = common.read_data(path, ("completion",))
-    assert capsys.readouterr().err == f"{path}: messages rows (conversations, loss on every assistant turn and nothing else)\n"
+    assert common.NOTES.pop() == f"{path}: messages rows (conversations, loss on every assistant turn and nothing else)"
     ex = common.tokenize(rows, qwen, 512, ("completion",))[0]
     assert ex["prompt"] == encode(qwen, SYSTEM + "<|im_start|>user\ntell me about animals :<|im_end|>\n"
                                           "<|im_start|>assistant\n")
@@ -116,12 +116,12 @@ PAIR_SHAPES = {
 }
 
 
-def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen, capsys):
+def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen):
     model = common.load_model(chat_model, CPU)
     batches, lines = {}, []
     for name, row in PAIR_SHAPES.items():
         rows = common.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))
-        lines.append(capsys.readouterr().err)
+        lines.append(common.NOTES.pop())
         examples = common.tokenize(rows, qwen, 512, ("chosen", "rejected"))
         batches[name] = common.collate_pairs(examples, qwen.pad_token_id, CPU)
     assert [line.split(": ")[1].split(" (")[0] for line in lines] == [
@@ -232,11 +232,12 @@ def test_truncation_cuts_the_mask_with_the_completion(qwen):
     assert cut["completion_mask"][:6] == [1, 1, 1, 1, 1, 0]  # "cat dog<|im_end|>", then the unscored turns
 
 
-def test_sft_and_dpo_train_on_chat_shapes(tmp_path, chat_model):
+def test_sft_and_dpo_train_on_chat_shapes(tmp_path, chat_model, capsys):
     """A few real steps of sft.py on multi-turn messages and dpo.py on H4 pairs with the Qwen-style model."""
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": TWO_TURNS}] * 4)
     sft.main(["--model", chat_model, "--data", chats, "--output_dir", str(tmp_path / "sft"), "--max_steps", "3",
               "--batch_size", "2", "--log_every", "1", "--lr", "1e-2"])
+    assert f"{chats}: messages rows (conversations, loss on every assistant turn" in capsys.readouterr().err
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(losses) == 3 and losses[-1] < losses[0] and all(math.isfinite(x) for x in losses)
     pairs = write_jsonl(tmp_path / "h4.jsonl", [PAIR_SHAPES["H4"]] * 4)
