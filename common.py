@@ -466,7 +466,9 @@ def read_data(path, fields):
         required = {"messages": ["messages"], "implicit prompt": ["chosen", "rejected"]}.get(shape, ["prompt", *fields])
         for field in required:
             if field not in row:
-                raise UserError(f"{where}: missing field {field!r}; each line needs {', '.join(required)}")
+                other = {("completion",): " (or one 'messages' conversation)",
+                         ("chosen", "rejected"): " (or chosen and rejected conversations)"}.get(fields, "")
+                raise UserError(f"{where}: missing field {field!r}; each line needs {', '.join(required)}{other}")
             check_field(row[field], f"{where}: field {field!r}", field)
         if shape == "messages":
             row.update(split_conversation(row.pop("messages"), where))
@@ -687,10 +689,10 @@ class Logger:
 
     def __init__(self, args, start=0):
         self.path, self.start = os.path.join(args.output_dir, "metrics.jsonl"), start
+        while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
+            print(NOTES.pop(0), file=sys.stderr)
         self.bar = tqdm(total=args.max_steps, initial=start, disable=rank() != 0, dynamic_ncols=True)
         self.file, self.tokens, self.t0 = None, 0, time.perf_counter()
-        while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
-            tqdm.write(NOTES.pop(0), file=sys.stderr)
 
     def count(self, batch):
         self.tokens += int(batch["attention_mask"].sum())
