@@ -513,8 +513,8 @@ def extract_prompt(row, where):
     ambiguous = (prompt != chosen[: len(prompt)] or len(prompt) > n if isinstance(prompt, list)
                  else prompt is not None and prompt.strip() not in [m["content"].strip() for m in chosen[:n]])
     if ambiguous:
-        raise UserError(f"{where}: field 'prompt' is not among the turns 'chosen' and 'rejected' share, so which prompt "
-                        "to train on is ambiguous; drop 'prompt' or make it the shared user turn")
+        raise UserError(f"{where}: field 'prompt' is not among the turns 'chosen' and 'rejected' share, so "
+                        "which prompt to train on is ambiguous; drop 'prompt' or make it the shared user turn")
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
