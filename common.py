@@ -2,7 +2,8 @@
 
 Batch layout (all collators): each row is [left padding | prompt | completion | right padding],
 with every completion starting at the same column P. `labels` holds only the completion
-columns: labels[:, j] is token P + j, or -100 on padding. So the model projects to the
+columns: labels[:, j] is token P + j, or -100 on padding and on the unscored turns inside a
+multi-turn chat's completion (an example's "completion_mask"). So the model projects to the
 vocabulary only at the C + 1 positions that score a completion token, never on the prompt.
 """
 import argparse
@@ -381,8 +382,12 @@ def read_jsonl(path, required):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if not rows and not line.startswith("{"):
+                    raise UserError(f"{path}:{n}: expected JSONL, one object per line; {not_jsonl(line)}") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
             if not isinstance(row, dict):
+                if not rows:
+                    raise UserError(f"{path}:{n}: expected JSONL, one object per line; {not_jsonl(line)}")
                 raise UserError(f"{path}:{n}: expected a JSON object with fields {', '.join(required)}")
             for field in required:
                 if field not in row:
@@ -393,6 +398,12 @@ def read_jsonl(path, required):
     if not rows:
         raise UserError(f"{path}: no examples; the file is empty")
     return rows
+
+
+def not_jsonl(first_line):
+    if first_line.startswith("["):
+        return "this is a JSON array: write one object per line (e.g. jq -c '.[]' data.json > data.jsonl)"
+    return "this looks like CSV or plain text: convert it to one JSON object per line"
 
 
 def check_field(value, where, field):
@@ -411,6 +422,114 @@ def check_field(value, where, field):
         raise UserError(f"{where} is empty; remove the line or fill it in")
 
 
+def row_shape(row, fields):
+    """The shape of a data row, from its fields (and, for pairs with a prompt, whether the lists repeat it)."""
+    def repeats_prompt(value):  # H4 style: the conversation starts with the prompt's turns
+        return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+    if fields == ("completion",) and "messages" in row and "completion" not in row:
+        return "messages"
+    if fields == ("chosen", "rejected") and "prompt" not in row and "chosen" in row:
+        return "implicit prompt"
+    if fields == ("chosen", "rejected") and repeats_prompt(row.get("chosen")) and repeats_prompt(row.get("rejected")):
+        return "H4"
+    chat = any(isinstance(row[f], list) for f in ("prompt", *fields) if f in row and f != "label")
+    return "/".join(["prompt", *fields]) + (" chat" if chat else " text")
+
+
+NOTES = []  # lines about the input (the detected data shapes), printed once every check has passed (Logger)
+SHAPES = {  # what the one stderr line says about each detected shape
+    "messages": "conversations, loss on every assistant turn and nothing else",
+    "implicit prompt": "chosen/rejected conversations; the prompt is the messages they share",
+    "H4": "a prompt plus chosen/rejected conversations that repeat it; the conversations are used",
+    "text": "plain text, no chat template",
+    "chat": "chat messages, rendered with the tokenizer's chat template",
+}
+
+
+def read_data(path, fields):
+    """A data file in any accepted shape, as rows {"prompt", *fields, "_where"} that tokenize() takes.
+
+    fields: ("completion",) for SFT, ("chosen", "rejected") for pairs, ("completion", "label") for
+    unpaired feedback, () for prompts. The first row's fields pick the shape (one stderr line says
+    which, in NOTES); every later row must have it. Chat rows come out as a list of prompt messages and
+    completions that start with an assistant turn; only SFT completions may hold later user turns,
+    which are never scored. A string beside messages is a user prompt or an assistant reply.
+    """
+    rows = read_jsonl(path, [])
+    shape = row_shape(rows[0], fields)
+    for row in rows:
+        where = row["_where"]
+        if row_shape(row, fields) != shape:
+            raise UserError(f"{where}: a {row_shape(row, fields)} row, but the first row is {shape}; "
+                            "every row must have the same shape")
+        required = {"messages": ["messages"], "implicit prompt": ["chosen", "rejected"]}.get(shape, ["prompt", *fields])
+        for field in required:
+            if field not in row:
+                other = {("completion",): " (or one 'messages' conversation)",
+                         ("chosen", "rejected"): " (or chosen and rejected conversations)"}.get(fields, "")
+                raise UserError(f"{where}: missing field {field!r}; each line needs {', '.join(required)}{other}")
+            check_field(row[field], f"{where}: field {field!r}", field)
+        if shape == "messages":
+            row.update(split_conversation(row.pop("messages"), where))
+        elif shape in ("implicit prompt", "H4"):
+            row.update(extract_prompt(row, where))
+        elif shape.endswith(" chat"):
+            if isinstance(row["prompt"], str):
+                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+            for f in fields:
+                if isinstance(row[f], str) and f != "label":
+                    row[f] = [{"role": "assistant", "content": row[f]}]
+        for f in fields if shape.endswith(" chat") or shape in ("implicit prompt", "H4") else ():
+            if f != "label":
+                check_reply(row[f], f, fields, where)
+    if rank() == 0:
+        NOTES.append(f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})")
+    return rows
+
+
+def split_conversation(messages, where):
+    """A `messages` conversation as prompt (before the first assistant turn) and completion (through the last)."""
+    scored = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not scored:
+        raise UserError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
+    if scored[0] == 0:
+        raise UserError(f"{where}: field 'messages' starts with an assistant turn; put the user turn it answers first")
+    return {"prompt": messages[: scored[0]], "completion": messages[scored[0]: scored[-1] + 1]}
+
+
+def extract_prompt(row, where):
+    """Implicit and H4 pairs: the prompt is the longest run of messages chosen and rejected start with."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise UserError(f"{where}: without a 'prompt' field, 'chosen' and 'rejected' must both be lists of messages "
+                        "that start with the same prompt turns; for plain text, add a 'prompt' field")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise UserError(f"{where}: 'chosen' and 'rejected' do not start with the same message, so they share no prompt")
+    prompt = row.get("prompt")
+    ambiguous = (prompt != chosen[: len(prompt)] or len(prompt) > n if isinstance(prompt, list)
+                 else prompt is not None and prompt.strip() not in [m["content"].strip() for m in chosen[:n]])
+    if ambiguous:
+        raise UserError(f"{where}: field 'prompt' is not among the turns 'chosen' and 'rejected' share, so "
+                        "which prompt to train on is ambiguous; drop 'prompt' or make it the shared user turn")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def check_reply(messages, field, fields, where):
+    """A chat completion starts with an assistant turn; outside SFT it is exactly one assistant turn."""
+    roles = [m["role"] for m in messages]
+    if not roles:
+        raise UserError(f"{where}: field {field!r} has no reply after the prompt that 'chosen' and 'rejected' share")
+    if roles[0] != "assistant" or (fields != ("completion",) and roles != ["assistant"]):
+        need = "start with the assistant's reply" if fields == ("completion",) else "be one assistant reply"
+        raise UserError(f"{where}: field {field!r} must {need} (its roles: {', '.join(roles)}); give whole "
+                        "conversations as " + ("'messages'" if fields == ("completion",) else
+                                               "'chosen' and 'rejected' lists that both repeat the prompt"))
+
+
 def encode_prompt(tokenizer, prompt):
     """A plain prompt as the tokenizer encodes text (with BOS if it adds one); messages via the chat template."""
     if isinstance(prompt, list):
@@ -419,20 +538,53 @@ def encode_prompt(tokenizer, prompt):
     return tokenizer(prompt).input_ids
 
 
-def encode_completion(tokenizer, prompt, completion):
-    """Completion ids ending in exactly one EOS. Messages: the assistant turn as the chat template renders it."""
-    if isinstance(completion, list):
-        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        if not full.startswith(head):
-            raise UserError("the chat template renders the prompt differently inside the full conversation")
-        ids = tokenizer(full[len(head):], add_special_tokens=False).input_ids
-    else:
-        ids = tokenizer(completion, add_special_tokens=False).input_ids
+def chat_pieces(tokenizer, prompt, completion, where):
+    """The text after the prompt through the last assistant turn, as (text, scored) pieces.
+
+    Each assistant turn of `completion` is scored from where the template starts generating it
+    (the render of the messages before it with add_generation_prompt) to the end of the render
+    through it; user turns and role headers between are not. No template syntax is assumed, but
+    each render must be the start of the whole conversation's.
+    """
+    chat = prompt + completion
+
+    def render(n, generation=False):
+        return tokenizer.apply_chat_template(chat[:n], add_generation_prompt=generation, tokenize=False)
+
+    full, pos, pieces = render(len(chat)), len(render(len(prompt), True)), []
+    for i in range(len(prompt), len(chat)):
+        if chat[i]["role"] != "assistant":
+            continue
+        head, end = render(i, True), render(i + 1)
+        if not (full.startswith(head) and full.startswith(end) and pos <= len(head) <= len(end)):
+            raise UserError(f"{where}: the chat template renders messages 1-{i + 1} differently from the start of the "
+                            "whole conversation (it rewrites earlier turns), so the assistant turns cannot be "
+                            "located; use a template that renders each turn the same way, or one reply per row")
+        pieces += [(full[pos: len(head)], False), (full[len(head): len(end)], True)]
+        pos = len(end)
+    return [(text, scored) for text, scored in pieces if text]
+
+
+def encode_completion(tokenizer, prompt, completion, where="?"):
+    """(ids, mask): completion ids ending in exactly one EOS, and None when every id is scored, else a
+    0/1 list over the ids (a chat whose completion holds later user turns: 1 on assistant tokens only).
+
+    An assistant turn is scored through the last EOS the template writes in it (all of it if none);
+    what follows (the template's newline, the next turn) is not. The completion ends after its last
+    scored token, with an EOS appended if the template wrote none.
+    """
     eos = tokenizer.eos_token_id
-    if eos in ids:  # the template closed the turn with EOS: end there
-        return ids[: len(ids) - ids[::-1].index(eos)]
-    return ids + [eos]
+    pieces = chat_pieces(tokenizer, prompt, completion, where) if isinstance(completion, list) else [(completion, True)]
+    ids, mask = [], []
+    for text, scored in pieces:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        n = (len(piece) - piece[::-1].index(eos) if eos in piece else len(piece)) if scored else 0
+        ids, mask = ids + piece, mask + [1] * n + [0] * (len(piece) - n)
+    end = len(mask) - mask[::-1].index(1) if 1 in mask else 0
+    ids, mask = ids[:end], mask[:end]
+    if not ids or ids[-1] != eos:
+        ids, mask = ids + [eos], mask + [1]
+    return ids, None if all(mask) else mask
 
 
 def truncate(prompt_ids, completion_lens, max_length):
@@ -447,18 +599,21 @@ def truncate(prompt_ids, completion_lens, max_length):
 
 
 def tokenize(rows, tokenizer, max_length, fields):
-    """Tokenize each row into {"prompt": ids, field: ids for field in fields, "label"?}.
+    """Tokenize each row into {"prompt": ids, field: ids for field in fields, "label"?, "completion_mask"?}.
 
     `fields` are the completion fields: ("completion",), ("chosen", "rejected"), or () for prompts.
-    The prompt is tokenized once and shared by a pair's two completions.
+    The prompt is tokenized once and shared by a pair's two completions. A multi-turn chat (SFT) also
+    gets "completion_mask", 0/1 over the completion ids: its user turns and role headers sit in the
+    completion but are never scored (collate's `masks`).
     """
     examples, cut_at = [], []
     for row in rows:
         prompt = encode_prompt(tokenizer, row["prompt"])
-        completions = [encode_completion(tokenizer, row["prompt"], row[f]) for f in fields]
-        prompt, budget, cut = truncate(prompt, [len(c) for c in completions] or [0], max_length)
+        encoded = [encode_completion(tokenizer, row["prompt"], row[f], row.get("_where", "?")) for f in fields]
+        prompt, budget, cut = truncate(prompt, [len(ids) for ids, _ in encoded] or [0], max_length)
         cut_at += [row.get("_where", "?")] * cut
-        ex = {"prompt": prompt, **{f: c[:budget] for f, c in zip(fields, completions)}}
+        ex = {"prompt": prompt, **{f: ids[:budget] for f, (ids, _) in zip(fields, encoded)}}
+        ex.update({f"{f}_mask": mask[:budget] for f, (_, mask) in zip(fields, encoded) if mask})
         if "label" in row:
             ex["label"] = row["label"]
         examples.append(ex)
@@ -469,8 +624,9 @@ def tokenize(rows, tokenizer, max_length, fields):
     return examples
 
 
-def collate(prompts, completions, pad_id, device):
-    """Left-pad prompts, right-pad completions, so every completion starts at the same column."""
+def collate(prompts, completions, pad_id, device, masks=None):
+    """Left-pad prompts, right-pad completions, so every completion starts at the same column.
+    `masks`: per row None or a 0/1 list over its completion; a 0 leaves that token unscored (label -100)."""
     P = max(len(p) for p in prompts)
     C = max(len(c) for c in completions)  # 0 for prompt-only batches
     input_ids = torch.full((len(prompts), P + C), pad_id, dtype=torch.long)
@@ -480,13 +636,16 @@ def collate(prompts, completions, pad_id, device):
         input_ids[i, P - len(p): P + len(c)] = torch.tensor(p + c, dtype=torch.long)
         attention_mask[i, P - len(p): P + len(c)] = 1
         labels[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        if masks and masks[i] is not None:
+            labels[i, : len(c)].masked_fill_(torch.tensor(masks[i]) == 0, -100)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
     return {k: v.to(device) for k, v in batch.items()}
 
 
 def collate_single(examples, pad_id, device):
-    return collate([e["prompt"] for e in examples], [e["completion"] for e in examples], pad_id, device)
+    return collate([e["prompt"] for e in examples], [e["completion"] for e in examples], pad_id, device,
+                   [e.get("completion_mask") for e in examples])
 
 
 def collate_pairs(examples, pad_id, device):
@@ -530,6 +689,8 @@ class Logger:
 
     def __init__(self, args, start=0):
         self.path, self.start = os.path.join(args.output_dir, "metrics.jsonl"), start
+        while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
+            print(NOTES.pop(0), file=sys.stderr)
         self.bar = tqdm(total=args.max_steps, initial=start, disable=rank() != 0, dynamic_ncols=True)
         self.file, self.tokens, self.t0 = None, 0, time.perf_counter()
 

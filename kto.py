@@ -17,9 +17,10 @@ undesirable examples); a warning suggests weights when the data is outside. The 
 is beta * r (TRL's convention). The reference model is a frozen copy of --model.
 
 Data: JSONL with `prompt`, `completion` and a boolean `label` (true: desirable), plain strings
-or lists of {"role", "content"} messages. A pairwise file (`prompt`, `chosen`, `rejected`; told
-apart by the fields of its first row) is accepted too: each pair becomes one desirable example
-(the chosen response) and one undesirable example (the rejected one). Default: the toy task.
+or lists of {"role", "content"} messages. A pairwise file (any pair shape of the README's Bring
+your own data; told apart by the fields of its first row) is accepted too: each pair becomes one
+desirable example (the chosen response) and one undesirable example (the rejected one).
+Default: the toy task.
 
     python sft.py && python kto.py                         # toy task, from the toy SFT policy, CPU
     torchrun --nproc_per_node=8 kto.py --model my-sft --data my.jsonl --lr 5e-7 --max_steps 2000
@@ -85,13 +86,13 @@ def rows_slice(batch, start, stop):
 
 
 def read_feedback(path):
-    """Unpaired rows (prompt, completion, label). A pairwise file, told apart by its first row, gives
-    one desirable row (chosen) and one undesirable row (rejected) per pair."""
-    # the first read only checks prompts and finds the format; parsing twice is cheap next to training
-    if "chosen" not in common.read_jsonl(path, ["prompt"])[0]:
-        return common.read_jsonl(path, ["prompt", "completion", "label"])
-    pairs = common.read_jsonl(path, ["prompt", "chosen", "rejected"])
-    return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen")
+    """Unpaired rows (prompt, completion, label). A pairwise file (any pair shape), told apart by its
+    first row, gives one desirable row (chosen) and one undesirable row (rejected) per pair."""
+    # the first read only finds the format; parsing twice is cheap next to training
+    if "chosen" not in common.read_jsonl(path, [])[0]:
+        return common.read_data(path, ("completion", "label"))
+    pairs = common.read_data(path, ("chosen", "rejected"))
+    return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen", _where=p["_where"])
             for p in pairs for field in ("chosen", "rejected")]
 
 

@@ -15,7 +15,8 @@ is DPO exactly, alpha = 0 ignores the excess tokens. The implicit reward is
 r(y) = beta*(logp_hat_theta(y|x) - logp_hat_ref(y|x)); the reference is a frozen copy of --model
 (or --ref_model). L is the mean over the pairs of the global batch.
 
-Data: JSONL with `prompt`, `chosen`, `rejected` (strings or lists of {"role", "content"} messages).
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or lists of {"role", "content"} messages),
+or chosen/rejected conversations with the prompt implicit or repeated (H4): README, Bring your own data.
 The defaults suit the toy task (a tiny model, lr 1e-3); real models want --lr ~5e-7.
 
     python sft.py && python ld_dpo.py                       # toy task, starts from out/sft, CPU
@@ -153,7 +154,7 @@ def main(argv=None):
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
-    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    rows = common.read_data(args.data, fields)
     examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)

@@ -14,7 +14,8 @@ with TRL's `log_odds_ratio` (the mean of logsig(log_odds(y_w) - log_odds(y_l))) 
 The paper trains ORPO straight from a base model; here the toy default starts from out/sft like
 the other preference scripts. The defaults suit the toy task; real models want --lr ~5e-6 (the paper's 8e-6).
 
-Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists). Default: the toy pairs.
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists), or chosen/rejected
+conversations with the prompt implicit or repeated (H4; README, Bring your own data). Default: the toy pairs.
 
     python sft.py && python orpo.py                         # toy task, from out/sft, CPU
     torchrun --nproc_per_node=8 orpo.py --model Qwen/Qwen2.5-0.5B --data pairs.jsonl --lr 5e-6 --max_steps 2000
@@ -78,7 +79,7 @@ def main(argv=None):
 
     tokenizer, model = common.load_policy(args, device)
     fields = ("chosen", "rejected")
-    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    rows = common.read_data(args.data, fields)
     examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)

@@ -236,7 +236,7 @@ def main(argv=None):
     optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
     value_model.train()
 
-    rows = common.read_jsonl(args.data, ["prompt"])
+    rows = common.read_data(args.data, ())
     prompts = common.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ())
     per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0

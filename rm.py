@@ -11,8 +11,9 @@ Output: the backbone (no LM head) as a Hugging Face directory that AutoModel loa
 as `value_head.safetensors` beside it; `load_reward_model(path)` loads both, and also loads the
 --save_every checkpoints (output_dir/checkpoint-N), written in the same layout.
 
-Data: JSONL with `prompt`, `chosen`, `rejected`. Default: the toy pairs; held-out accuracy on the
-toy eval pairs (or --eval_data) is logged at the start and the end.
+Data: JSONL with `prompt`, `chosen`, `rejected`, or any pair shape (README, Bring your own data).
+Default: the toy pairs; held-out accuracy on the toy eval pairs (or --eval_data) is logged at the
+start and the end.
 
     python sft.py && python rm.py                            # toy task: out/sft -> out/rm
     torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
@@ -123,9 +124,9 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
-    fields = ["prompt", "chosen", "rejected"]
-    examples = common.tokenize(common.read_jsonl(args.data, fields), tokenizer, args.max_length, fields[1:])
-    held_out = (common.tokenize(common.read_jsonl(args.eval_data, fields), tokenizer, args.max_length, fields[1:])
+    fields = ("chosen", "rejected")
+    examples = common.tokenize(common.read_data(args.data, fields), tokenizer, args.max_length, fields)
+    held_out = (common.tokenize(common.read_data(args.eval_data, fields), tokenizer, args.max_length, fields)
                 if args.eval_data else None)
     backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
     if args.gradient_checkpointing:

@@ -7,7 +7,8 @@ a token mean over the batch, not a mean of per-sequence means, so long and short
 weigh the same per token. Prompt tokens and padding are never scored (label -100).
 
 Data: JSONL with `prompt` and `completion`, plain strings or lists of {"role", "content"}
-messages (rendered with the tokenizer's chat template). Default: the bundled toy task.
+messages (rendered with the tokenizer's chat template), or `messages` conversations (the loss
+covers their assistant turns only). Default: the bundled toy task. All shapes: README, Bring your own data.
 
     python sft.py                                           # toy task, tiny model, CPU
     torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen2.5-0.5B --data my.jsonl --lr 2e-5
@@ -41,7 +42,7 @@ def main(argv=None):
     common.check_args(args)
     device = common.setup(args)
 
-    rows = common.read_jsonl(args.data, ["prompt", "completion"])
+    rows = common.read_data(args.data, ("completion",))
     tokenizer, model = common.load_policy(args, device)
     examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
     model = common.shard_model(model, device)

@@ -18,7 +18,8 @@ documents cpo_alpha 1.0, its NLL mix "for stability"). CPO: beta 0.1, cpo_alpha 
 NLL mix), 3e-4 for CPO. SimPO is very sensitive to the learning rate; on real models the
 paper uses 3e-7..1e-6.
 
-Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists). Default: the toy pairs.
+Data: JSONL with `prompt`, `chosen`, `rejected` (strings or message lists), or chosen/rejected
+conversations with the prompt implicit or repeated (H4; README, Bring your own data). Default: the toy pairs.
 
     python sft.py && python simpo.py                         # toy task, from out/sft, CPU
     python simpo.py --loss cpo                               # CPO
@@ -110,7 +111,7 @@ def main(argv=None):
 
     tokenizer, model = common.load_policy(args, device)
     fields = ("chosen", "rejected")
-    rows = common.read_jsonl(args.data, ["prompt", *fields])
+    rows = common.read_data(args.data, fields)
     examples = common.tokenize(rows, tokenizer, args.max_length, fields)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)

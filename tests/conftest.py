@@ -24,3 +24,11 @@ def sft_model(tiny_model, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft"))
     sft.main(["--output_dir", out, "--max_steps", "400", "--log_every", "50"])
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """A Qwen-style chat model directory (byte-level BPE, no BOS, ChatML, <|im_end|> EOS); see chat_model.py."""
+    from chat_model import build_chat_model
+
+    return build_chat_model(str(tmp_path_factory.mktemp("qwen_style")))

@@ -18,6 +18,7 @@ from conftest import ROOT
 from toy.task import TINY_MODEL_DIR
 
 GOOD = {"prompt": "tell me about music :", "completion": "drum flute piano"}
+USER, REPLY = {"role": "user", "content": "tell me about music :"}, {"role": "assistant", "content": "drum flute"}
 
 
 def jsonl(*rows):
@@ -58,21 +59,41 @@ CASES = {
     "ld_dpo_alpha_above_one": ("ld_dpo.py", None, ["--ld_alpha", "1.5"], ["--ld_alpha must be >= 0 and <= 1, got 1.5"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
+    # data shapes (issue 11; the other refusals are in test_data.py): one line naming the file and line
+    "data_json_array": ("sft.py", json.dumps([GOOD, GOOD], indent=2), [],
+                        ["data.jsonl:1: expected JSONL, one object per line; this is a JSON array"]),
+    "data_csv": ("sft.py", "prompt,completion\nhi,there\n", [],
+                 ["data.jsonl:1: expected JSONL, one object per line; this looks like CSV"]),
+    "data_shape_changes": ("sft.py", jsonl({"messages": [USER, REPLY]}, GOOD), [],
+                           ["data.jsonl:2: a prompt/completion text row, but the first row is messages"]),
+    "chat_template_rewrites_turns": ("sft.py", jsonl({"messages": [USER, REPLY, USER, REPLY]}), ["--model", "REWRITING"],
+                                     ["data.jsonl:1: the chat template renders messages 1-2 differently"]),
+    "implicit_pairs_of_text": ("dpo.py", jsonl({"chosen": "a b", "rejected": "a c"}), ["--model", TINY_MODEL_DIR],
+                               ["data.jsonl:1: without a 'prompt' field, 'chosen' and 'rejected' must both be lists"]),
+    "pair_mixing_h4_and_reply": ("dpo.py", jsonl({"prompt": "hi", "chosen": [USER, REPLY], "rejected": [REPLY]}),
+                                 ["--model", TINY_MODEL_DIR],
+                                 ["data.jsonl:1: field 'chosen' must be one assistant reply (its roles: user, assistant)"]),
 }
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model):
-    """A backbone without its LM head (not a causal LM) and a copy of the tiny model with pickle weights only."""
-    from transformers import AutoModel
+    """A backbone without its LM head (not a causal LM), a copy of the tiny model with pickle weights only,
+    and one whose chat template rewrites earlier turns."""
+    from test_data import REWRITING
+    from transformers import AutoModel, AutoTokenizer
 
     root = tmp_path_factory.mktemp("models")
-    backbone, pickled = str(root / "backbone"), str(root / "pickled")
+    backbone, pickled, rewriting = str(root / "backbone"), str(root / "pickled"), str(root / "rewriting")
+    shutil.copytree(tiny_model, rewriting)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = REWRITING
+    tokenizer.save_pretrained(rewriting)
     AutoModel.from_pretrained(tiny_model).save_pretrained(backbone)
     shutil.copytree(tiny_model, pickled)
     torch.save(load_file(os.path.join(pickled, "model.safetensors")), os.path.join(pickled, "pytorch_model.bin"))
     os.remove(os.path.join(pickled, "model.safetensors"))
-    return {"BACKBONE": backbone, "PICKLED": pickled}
+    return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting}
 
 
 @pytest.fixture(scope="module")
