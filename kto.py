@@ -206,7 +206,7 @@ def main(argv=None):
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, {**evaluate(model, tokenizer, args, device),
                               **heldout_margin(model, reference, tokenizer, args, device)})
-        logger.bar.update()
+        logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

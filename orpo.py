@@ -128,7 +128,7 @@ def main(argv=None):
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, {**evaluate(model, tokenizer, args, device),
                               **heldout_rewards(model, heldout_batch, args, device)})
-        logger.bar.update()
+        logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

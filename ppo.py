@@ -291,7 +291,7 @@ def main(argv=None):
                              f" -> {tokenizer.decode(response)!r} (score {float(scores[0]):.3f})")
         if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluate(policy, tokenizer, args, device))
-        logger.bar.update()
+        logger.update()
         state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's

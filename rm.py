@@ -165,7 +165,7 @@ def main(argv=None):
                               "tokens/s": logger.tokens_per_second(device)})
         if held_out and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
-        logger.bar.update()
+        logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     save_reward_model(model, tokenizer, args.output_dir)
