@@ -61,7 +61,7 @@ def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_
         "The defaults are tuned for the bundled toy task (a 1M-parameter model, learning fast). On a real model "
         f"set --model, --data, --lr (usually about {real_lr} for this script), --max_steps and --max_length."))
     p.add_argument("--model", default=model, help="the model to train: a local Hugging Face directory or a hub id")
-    p.add_argument("--data", default=data, help="training data, JSONL (default: the bundled toy task)")
+    p.add_argument("--data", default=data, help="training data, JSONL")
     p.add_argument("--eval_data", default=None, help="held-out data in the same shape as --data, scored under eval/ "
                    "at the start, every --eval_every steps and at the end (default: none; the toy task's "
                    "held-out file when --data is toy data)")

@@ -87,10 +87,12 @@ def parse_args(argv=None):
                            lr=1e-3, max_steps=100, batch_size=16, real_lr="5e-7", toy_eval_data="eval_pairs.jsonl",
                            output_dir="out/dpo")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
+                   help="sigmoid: the DPO loss; ipo: IPO's squared loss, which stops at a finite margin")
     p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")
     p.add_argument("--rpo_alpha", type=float, default=0.0,
-                   help="weight of the chosen NLL (token mean); 0 is plain DPO, the seed (ms-swift) documents 1.0")
+                   help="weight of an SFT term, the NLL of the chosen responses (token mean): 0 is plain DPO, "
+                        "1.0 (RPO) often keeps responses shorter")
     p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
     p.add_argument("--sampo", action="store_true", help="SamPO: down-sample both responses to the shorter one's length")
     p.add_argument("--ref_model", default=None, help="reference model (default: a frozen copy of --model)")

@@ -96,10 +96,12 @@ def parse_args(argv=None):
                            output_dir="out/ld_dpo")
     p.add_argument("--ld_alpha", type=float, default=0.5, help="weight of the tokens past the public length, in [0, 1]")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
+                   help="sigmoid: the DPO loss; ipo: IPO's squared loss, which stops at a finite margin")
     p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")
     p.add_argument("--rpo_alpha", type=float, default=0.0,
-                   help="weight of the chosen NLL (token mean); 0 is plain DPO, the seed (ms-swift) documents 1.0")
+                   help="weight of an SFT term, the NLL of the chosen responses (token mean): 0 is plain DPO, "
+                        "1.0 (RPO) often keeps responses shorter")
     p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
     p.add_argument("--ref_model", default=None, help="reference model (default: a frozen copy of --model)")
     p.add_argument("--precompute_ref", action="store_true",

@@ -48,7 +48,7 @@ def parse_args(argv=None):
                            lr=3e-4, max_steps=150, batch_size=16, real_lr="8e-6", toy_eval_data="eval_pairs.jsonl",
                            output_dir="out/orpo")
     p.add_argument("--lam", "--beta", dest="lam", type=float, default=0.1,
-                   help="weight of the odds-ratio term (the paper's lambda; --beta in the seed and TRL)")
+                   help="weight of the odds-ratio term (the paper's lambda; TRL calls it beta, so --beta works too)")
     args = p.parse_args(argv)
     if args.lam < 0:
         raise common.UserError(f"--lam must be non-negative, got {args.lam}")

@@ -72,13 +72,14 @@ def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
                            lr=None, max_steps=150, batch_size=16, real_lr="5e-7 (SimPO) or 1e-6 (CPO)",
                            toy_eval_data="eval_pairs.jsonl", output_dir="out/simpo")
-    p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"])
+    p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"],
+                   help="simpo: length-normalised rewards and a target margin; cpo: summed log-probs and an SFT term")
     p.add_argument("--beta", type=float, default=None, help="reward scale (default: 2.0 for simpo, 0.1 for cpo)")
-    p.add_argument("--gamma", type=float, default=None, help="SimPO's target reward margin, the seed's simpo_gamma "
+    p.add_argument("--gamma", type=float, default=None, help="SimPO's target reward margin "
                    "(default: 1.0; the paper uses gamma/beta about 0.5)")
     p.add_argument("--cpo_alpha", type=float, default=None,
-                   help="weight of the chosen NLL (token mean); default 0 for simpo, the original SimPO "
-                        "(the seed, ms-swift, documents 1.0), and 1.0 for cpo")
+                   help="weight of an SFT term, the NLL of the chosen responses (token mean); default 0 for simpo, "
+                        "the original SimPO (1.0 often steadies it), and 1.0 for cpo")
     args = p.parse_args(argv)
     cpo = args.loss == "cpo"
     args.beta = (0.1 if cpo else 2.0) if args.beta is None else args.beta
