@@ -59,7 +59,7 @@ def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_
     learning rate on a real model, for the help. `toy_eval_data`: the --eval_data default on toy data."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, epilog=(
         "The defaults are tuned for the bundled toy task (a 1M-parameter model, learning fast). On a real model "
-        f"set --model, --data, --lr (usually about {real_lr} for this script), --max_steps and --max_length."))
+        f"set --model, --data, --lr (usually about {real_lr} here), --max_steps and --max_length."))
     p.add_argument("--model", default=model, help="the model to train: a local Hugging Face directory or a hub id")
     p.add_argument("--data", default=data, help="training data, JSONL")
     p.add_argument("--eval_data", default=None, help="held-out data in the same shape as --data, scored under eval/ "

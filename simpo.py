@@ -70,7 +70,7 @@ def pair_losses(tokens, mask, args):
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=None, max_steps=150, batch_size=16, real_lr="5e-7 (SimPO) or 1e-6 (CPO)",
+                           lr=None, max_steps=150, batch_size=16, real_lr="5e-7 for SimPO, 1e-6 for CPO",
                            toy_eval_data="eval_pairs.jsonl", output_dir="out/simpo")
     p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"],
                    help="simpo: length-normalised rewards and a target margin; cpo: summed log-probs and an SFT term")
