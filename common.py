@@ -7,6 +7,8 @@ multi-turn chat's completion (an example's "completion_mask"). So the model proj
 vocabulary only at the C + 1 positions that score a completion token, never on the prompt.
 """
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -44,32 +47,59 @@ def run(main):
 
 # ---------------------------------------------------------------- arguments
 
-def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_size=16, output_dir="out/run"):
-    """The flags every script shares; each script adds its own and picks its defaults."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=model, help="HF model directory or hub id (default: %(default)s)")
-    p.add_argument("--data", default=data, help="JSONL training file (default: the bundled toy task)")
-    p.add_argument("--output_dir", default=output_dir, help="where the checkpoint and metrics.jsonl go")
-    p.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="examples per device per micro-batch")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (the default suits the toy model)")
-    p.add_argument("--warmup_ratio", type=float, default=0.1, help="linear warmup share of max_steps, then cosine")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 turns it off)")
-    p.add_argument("--max_length", type=int, default=512, help="prompt+completion tokens; see truncate()")
-    p.add_argument("--seed", type=int, default=0)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default (a None default is explained in the help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_size=16, output_dir="out/run",
+                real_lr="1e-6", toy_eval_data=None):
+    """The flags every script shares; each script adds its own and picks its defaults. `real_lr`: the usual
+    learning rate on a real model, for the help. `toy_eval_data`: the --eval_data default on toy data."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, epilog=(
+        "The defaults are tuned for the bundled toy task (a 1M-parameter model, learning fast). On a real model "
+        f"set --model, --data, --lr (usually about {real_lr} here), --max_steps and --max_length."))
+    p.add_argument("--model", default=model, help="the model to train: a local Hugging Face directory or a hub id")
+    p.add_argument("--data", default=data, help="training data, JSONL")
+    p.add_argument("--eval_data", default=None, help="held-out data in the same shape as --data, scored under eval/ "
+                   "at the start, every --eval_every steps and at the end (default: none; the toy task's "
+                   "held-out file when --data is toy data)")
+    p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: at the start and end only)")
+    p.add_argument("--output_dir", default=output_dir, help="where the model, checkpoints and metrics.jsonl go")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train into an --output_dir that holds a finished model (replaced at the end), "
+                        "deleting its old checkpoints")
+    p.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps to train for")
+    p.add_argument("--batch_size", type=int, default=batch_size,
+                   help="examples per process per micro-batch; lower it if memory runs out")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches per optimizer step: a larger batch without more memory")
+    p.add_argument("--lr", type=float, default=lr,
+                   help=f"peak learning rate; the default suits the toy model, real models want about {real_lr}")
+    p.add_argument("--warmup_ratio", type=float, default=0.1,
+                   help="share of --max_steps spent warming the learning rate up linearly; then it decays (cosine)")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
+    p.add_argument("--max_length", type=int, default=512,
+                   help="longest prompt + response in tokens; longer examples are cut, the prompt from the left first")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order, sampling and initialisation")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--eval_every", type=int, default=0, help="toy-task eval every N steps (0: start and end only)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only on SIGTERM)")
-    p.add_argument("--save_total_limit", type=int, default=2, help="keep the last N checkpoints")
-    p.add_argument("--allow_pickle", action="store_true", help="accept a --model with only .bin (pickle) weights")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, about 30%% slower")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run model code shipped with the model (only for models you trust)")
+    p.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl row every N steps")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its latest checkpoint-N in --output_dir")
+    p.add_argument("--save_every", type=int, default=0, help="write a checkpoint every N steps (0: only on SIGTERM)")
+    p.add_argument("--save_total_limit", type=int, default=2, help="keep only the last N checkpoints")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="accept a --model with only .bin (pickle) weights, which can run code when loaded")
+    p.set_defaults(toy_eval_data=toy_eval_data and os.path.join(TOY_DATA_DIR, toy_eval_data))
     return p
 
 
@@ -84,11 +114,28 @@ def check_range(args, name, low=None, high=None, above=None):
 
 
 def check_args(args):
+    """The shared flags' ranges; the toy held-out file as --eval_data on toy data; the --output_dir rule."""
+    from toy.eval import is_toy
+
+    if args.eval_data is None and getattr(args, "toy_eval_data", None) and is_toy(args):
+        args.eval_data = args.toy_eval_data
+    check_output_dir(args)
     for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lr", "log_every", "save_total_limit"):
         check_range(args, name, above=0)
     for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
         check_range(args, name, low=0)
     check_range(args, "warmup_ratio", low=0, high=1)
+
+
+def check_output_dir(args):
+    """Refuse to train over a finished model (a config and weights in --output_dir) unless told to."""
+    out = args.output_dir
+    names = os.listdir(out) if os.path.isdir(out) else []
+    finished = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    resumable = args.resume and any(re.fullmatch(r"checkpoint-\d+", n) for n in names)
+    if finished and not (args.overwrite_output_dir or resumable):
+        raise UserError(f"{out} already holds a finished model: pass --overwrite_output_dir to replace it, or choose "
+                        "another --output_dir (--resume continues an interrupted run from its checkpoint-N)")
 
 
 # ---------------------------------------------------------------- distributed
@@ -162,6 +209,7 @@ def check_model_path(path, allow_pickle=False):
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
             raise UserError(f"{path}: no such model directory (expected a local HF directory or a hub id)")
+        check_hub_reachable(path)
         return
     files = os.listdir(path)
     if "config.json" not in files:
@@ -172,6 +220,22 @@ def check_model_path(path, allow_pickle=False):
         if not allow_pickle:
             raise UserError(f"{path} has only pickle weights (.bin), which can run code when loaded; "
                             "convert them to safetensors, or pass --allow_pickle if you trust the source")
+
+
+@functools.cache
+def check_hub_reachable(model_id):
+    """Fail at once where the hub cannot be reached, instead of transformers' retries (about 25 s)."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or "https" in getproxies():
+        return  # offline: transformers reads the local cache at once; behind a proxy only a download can tell
+    host = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"{model_id}: cannot reach {host.hostname} to download it ({e}); set HF_HUB_OFFLINE=1 if it "
+                        "is in your Hugging Face cache already, or pass a local model directory as --model") from e
 
 
 def load_tokenizer(path, trust_remote_code=False):
@@ -220,6 +284,18 @@ def load_policy(args, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return tokenizer, model
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """A held-out pass: no grad, eval mode (no dropout), the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def frozen(model):
@@ -683,16 +759,34 @@ def micro_batches(examples, step, args):
 
 # ---------------------------------------------------------------- logging, checkpoints
 
+def heldout_chunks(examples, batch_size):
+    """This rank's share of held-out examples in chunks of up to batch_size, the same number of chunks on
+    every rank (FSDP runs every forward on all ranks): up to world - 1 examples are left out. A last chunk
+    of one example joins the one before (KTO pairs each example with another)."""
+    usable = examples[: len(examples) - len(examples) % world()]
+    if not usable:
+        raise UserError(f"{len(examples)} held-out examples for {world()} processes; add --eval_data examples")
+    mine = usable[rank()::world()]
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2] += chunks.pop()
+    return chunks
+
+
 class Logger:
-    """metrics.jsonl, a tqdm bar and a tokens/s counter; writes on rank 0 only, creating output_dir then.
+    """metrics.jsonl (one row per step: metrics logged for the same step are merged), a progress bar, a
+    tokens/s counter and the end-of-run summary; writes on rank 0 only, creating output_dir then.
     A run resumed after step `start` keeps the file's rows up to `start` and appends to them."""
+    HEADLINE = ("loss", "objective/scores")  # with every eval/ metric, shown before -> after in the summary
 
     def __init__(self, args, start=0):
-        self.path, self.start = os.path.join(args.output_dir, "metrics.jsonl"), start
+        self.args, self.path, self.start = args, os.path.join(args.output_dir, "metrics.jsonl"), start
         while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
             print(NOTES.pop(0), file=sys.stderr)
-        self.bar = tqdm(total=args.max_steps, initial=start, disable=rank() != 0, dynamic_ncols=True)
-        self.file, self.tokens, self.t0 = None, 0, time.perf_counter()
+        # no bar off a terminal (pytest, log files): tqdm's disable=None
+        self.bar = tqdm(total=args.max_steps, initial=start, disable=True if rank() != 0 else None, dynamic_ncols=True)
+        self.file, self.row, self.tokens, self.t0 = None, None, 0, time.perf_counter()
+        self.first, self.last, self.total_tokens, self.began = {}, {}, 0, self.t0
 
     def count(self, batch):
         self.tokens += int(batch["attention_mask"].sum())
@@ -702,10 +796,25 @@ class Logger:
         (tokens,) = all_sum([self.tokens], device)
         now = time.perf_counter()
         rate, self.tokens, self.t0 = tokens / max(now - self.t0, 1e-9), 0, now
+        self.total_tokens += tokens
         return rate
 
     def log(self, step, metrics):
+        """Add metrics to the row of `step`; the row is written when the step ends (update) or another step logs."""
         if rank() != 0:
+            return
+        if self.row is not None and self.row["step"] != step:
+            self.write()
+        self.row = {**(self.row or {"step": step}), **metrics}
+        for k, v in metrics.items():
+            if k in self.HEADLINE or k.startswith("eval/"):
+                self.first.setdefault(k, v)
+                self.last[k] = v
+        shown = {k: f"{v:.4g}" for k, v in self.row.items() if k in ("loss", "eval/loss", "eval/gold_score")}
+        self.bar.set_postfix(shown, refresh=False)
+
+    def write(self):
+        if self.row is None:
             return
         if self.file is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -717,15 +826,27 @@ class Logger:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
             self.file = open(self.path, "a")
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps(self.row) + "\n")
         self.file.flush()
-        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "tokens/s", "eval/gold_score")}
-        self.bar.set_postfix(shown, refresh=False)
+        self.row = None
+
+    def update(self):
+        """Call at the end of each step: writes the step's row, advances the bar."""
+        self.write()
+        self.bar.update()
 
     def close(self):
+        """Write the last row and print the one-line summary of the run."""
+        self.write()
         self.bar.close()
         if self.file:
             self.file.close()
+        if rank() == 0:
+            seconds = time.perf_counter() - self.began
+            changes = ", ".join(f"{k} {self.first[k]:.4g} -> {v:.4g}" for k, v in self.last.items())
+            print(f"done: saved to {self.args.output_dir}; {changes or 'no metrics logged'}; "
+                  f"{self.args.max_steps - self.start} steps in {seconds:.0f} s, "
+                  f"{self.total_tokens / max(seconds, 1e-9):.0f} tokens/s", flush=True)
 
 
 def full_state_dict(model):
@@ -818,7 +939,14 @@ class TrainState:
         """Restore the latest checkpoint under --resume; return the last step done (0: start afresh)."""
         args, found = self.args, self.checkpoints()
         if found and not args.resume:
-            raise UserError(f"{found[-1]} exists: pass --resume to continue that run, or use another --output_dir")
+            if not args.overwrite_output_dir:
+                raise UserError(f"{found[-1]} exists: pass --resume to continue that run, --overwrite_output_dir to "
+                                "start afresh, or use another --output_dir")
+            if rank() == 0:  # a fresh run: the old run's checkpoints must never be resumed or rotated with its own
+                for old in found:
+                    shutil.rmtree(old)
+            barrier()
+            found = []
         self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
         if not found:
             if args.resume and rank() == 0:

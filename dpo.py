@@ -72,14 +72,28 @@ def pair_logps(policy_tokens, ref_tokens, mask, args, generator):
     return (*(policy_tokens * mask).sum(-1).chunk(2), *(ref_tokens * mask).sum(-1).chunk(2))
 
 
+
+def pair_losses(policy_tokens, ref_tokens, mask, args, generator):
+    """Per-pair (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) of a collate_pairs batch."""
+    chosen, rejected, ref_chosen, ref_rejected = pair_logps(policy_tokens, ref_tokens, mask, args, generator)
+    chosen_len, rejected_len = mask.sum(-1).chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type,
+        margin=args.rdpo_alpha * (chosen_len - rejected_len))
+    return losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach()
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=1e-3, max_steps=100, batch_size=16, output_dir="out/dpo")
+                           lr=1e-3, max_steps=100, batch_size=16, real_lr="5e-7", toy_eval_data="eval_pairs.jsonl",
+                           output_dir="out/dpo")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
+                   help="sigmoid: the DPO loss; ipo: IPO's squared loss, which stops at a finite margin")
     p.add_argument("--label_smoothing", type=float, default=0.0, help="cDPO: the share of flipped labels, in [0, 0.5)")
     p.add_argument("--rpo_alpha", type=float, default=0.0,
-                   help="weight of the chosen NLL (token mean); 0 is plain DPO, the seed (ms-swift) documents 1.0")
+                   help="weight of an SFT term, the NLL of the chosen responses (token mean): 0 is plain DPO, "
+                        "1.0 (RPO) often keeps responses shorter")
     p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
     p.add_argument("--sampo", action="store_true", help="SamPO: down-sample both responses to the shorter one's length")
     p.add_argument("--ref_model", default=None, help="reference model (default: a frozen copy of --model)")
@@ -123,15 +137,22 @@ def precomputed_ref_tokens(examples, device):
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
 
 
-@torch.no_grad()
-def heldout_rewards(model, batch, ref_tokens, args, device):
-    """`eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs (this rank's share in one batch)."""
+def heldout_metrics(model, chunks, ref_tokens, args, pad_id, device):
+    """`eval/loss` (the training loss), `eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs:
+    this rank's chunks, and the reference's per-token log-probs of each (computed once)."""
     generator = torch.Generator().manual_seed(args.seed)  # the same SamPO draw at every evaluation
-    logps = pair_logps(common.token_logps(model, batch), ref_tokens, batch["labels"] != -100, args, generator)
-    _, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta=args.beta)
-    correct, margin, n = common.all_sum([float((chosen_rewards > rejected_rewards).sum()),
-                                         float((chosen_rewards - rejected_rewards).sum()), len(chosen_rewards)], device)
-    return {"eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+    sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
+    with common.evaluating(model):
+        for chunk, ref in zip(chunks, ref_tokens):
+            batch = common.collate_pairs(chunk, pad_id, device)
+            tokens, mask = common.token_logps(model, batch), batch["labels"] != -100
+            losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, ref, mask, args, generator)
+            sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
+                                 mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
+                                 (chosen_rewards - rejected_rewards).sum()]).double().cpu()
+    n, loss, nll, n_chosen, correct, margin = common.all_sum(sums.tolist(), device)
+    return {"eval/loss": loss / n + args.rpo_alpha * nll / n_chosen, "eval/rewards/accuracies": correct / n,
+            "eval/rewards/margins": margin / n}
 
 
 def main(argv=None):
@@ -146,18 +167,19 @@ def main(argv=None):
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
-    rows = common.read_data(args.data, fields)
-    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
+
+    def load(path):
+        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+
+    examples = load(args.data)
     model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
-    if toy:  # held-out pairs, scored by the reference once, as the reference never changes
-        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
-        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
-        heldout_batch = common.collate_pairs(heldout, pad_id, device)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    if heldout:  # scored by the reference once, as the reference never changes
         with torch.no_grad():
-            heldout_ref = common.token_logps(ref_model, heldout_batch)
+            heldout_ref = [common.token_logps(ref_model, common.collate_pairs(c, pad_id, device)) for c in heldout]
     if args.precompute_ref:
         precompute_ref_logps(ref_model, examples, args, pad_id, device)
         ref_model = None
@@ -165,10 +187,13 @@ def main(argv=None):
     state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
+    def evaluation():
+        return {**(evaluate(model, tokenizer, args, device) if toy else {}),
+                **(heldout_metrics(model, heldout, heldout_ref, args, pad_id, device) if heldout else {})}
+
     logger = common.Logger(args, start)
-    if toy and start == 0:
-        logger.log(0, {**evaluate(model, tokenizer, args, device),
-                       **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
     generator = torch.Generator()  # SamPO's draws, reseeded each step so that a resumed run draws the same
     model.train()
     for step in range(start + 1, args.max_steps + 1):
@@ -184,18 +209,15 @@ def main(argv=None):
             with torch.no_grad():
                 ref_tokens = (common.token_logps(ref_model, batch) if ref_model is not None
                               else precomputed_ref_tokens(mb, device))
-            chosen, rejected, ref_chosen, ref_rejected = pair_logps(policy_tokens, ref_tokens, mask, args, generator)
-            chosen_len, rejected_len = mask.sum(-1).chunk(2)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type,
-                margin=args.rdpo_alpha * (chosen_len - rejected_len))
+            losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
+                policy_tokens, ref_tokens, mask, args, generator)
             loss = losses.sum() / n_pairs
             if args.rpo_alpha:
                 loss = loss - args.rpo_alpha * policy_tokens.chunk(2)[0].sum() / n_chosen
             (loss * common.world()).backward()  # FSDP averages gradients over ranks
             stats += torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                                  (chosen_rewards > rejected_rewards).sum(), chosen.detach().sum(),
-                                  rejected.detach().sum()]).double().cpu()
+                                  (chosen_rewards > rejected_rewards).sum(), chosen.sum(),
+                                  rejected.sum()]).double().cpu()
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
@@ -207,10 +229,9 @@ def main(argv=None):
                               "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                               "tokens/s": logger.tokens_per_second(device)})
-        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, {**evaluate(model, tokenizer, args, device),
-                              **heldout_rewards(model, heldout_batch, heldout_ref, args, device)})
-        logger.bar.update()
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

@@ -33,8 +33,6 @@ import torch
 import common
 from toy.eval import evaluate, is_toy
 
-EVAL_PAIRS = os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl")  # held-out: chosen desirable, rejected not
-
 
 def kto_loss(policy_logps, ref_logps, labels, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
     """Per-example KTO losses and rewards beta * r, with r = policy_logps - ref_logps.
@@ -113,24 +111,32 @@ def weight_warning(n_desirable, n_undesirable, desirable_weight, undesirable_wei
             f"({undesirable_weight}*{n_undesirable}) = {ratio:.3g}, outside the recommended [1, 4/3]; try {fix}")
 
 
-@torch.no_grad()
-def heldout_margin(model, reference, tokenizer, args, device):
-    """`eval/rewards/margins`: the mean reward of the held-out desirable (chosen) responses minus
-    that of the undesirable (rejected) ones, on the toy task's eval pairs."""
-    rows = common.read_jsonl(EVAL_PAIRS, ["prompt", "chosen", "rejected"])[common.rank()::common.world()]
-    batch = common.collate_pairs(common.tokenize(rows, tokenizer, args.max_length, ("chosen", "rejected")),
-                                 tokenizer.pad_token_id, device)
-    model.eval()
-    rewards = args.beta * (common.sequence_logps(model, batch)[0] - common.sequence_logps(reference, batch)[0])
-    model.train()
-    n = len(rows)
-    chosen, rejected, count = common.all_sum([float(rewards[:n].sum()), float(rewards[n:].sum()), n], device)
-    return {"eval/rewards/margins": (chosen - rejected) / count}
+def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
+    """`eval/loss`, `eval/kl` (z0 on the held-out mismatched pairs) and `eval/rewards/margins` (mean reward of
+    the desirable minus the undesirable examples) on this rank's chunks. ref_logps: the reference's summed
+    log-probs of each chunk's matched and mismatched rows (collate_with_mismatched), computed once."""
+    with common.evaluating(model):
+        logps = [common.sequence_logps(model, collate_with_mismatched(c, pad_id, device))[0] for c in chunks]
+    z0 = reference_point(torch.cat([p[len(c):] for p, c in zip(logps, chunks)]),
+                         torch.cat([r[len(c):] for r, c in zip(ref_logps, chunks)]))
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, n_D, n_U, reward sums of desirable and undesirable
+    for policy, ref, chunk in zip(logps, ref_logps, chunks):
+        labels = torch.tensor([e["label"] for e in chunk], device=device)
+        losses, rewards = kto_loss(policy[:len(chunk)], ref[:len(chunk)], labels, z0, args.beta,
+                                   args.desirable_weight, args.undesirable_weight)
+        sums += torch.stack([losses.sum(), labels.sum(), (~labels).sum(), rewards[labels].sum(),
+                             rewards[~labels].sum()]).double().cpu()
+    loss, n_d, n_u, reward_d, reward_u = common.all_sum(sums.tolist(), device)
+    metrics = {"eval/loss": loss / (n_d + n_u), "eval/kl": float(z0)}
+    if n_d and n_u:
+        metrics["eval/rewards/margins"] = reward_d / n_d - reward_u / n_u
+    return metrics
 
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "unpaired.jsonl"),
-                           model=common.SFT_MODEL_DIR, lr=5e-4, max_steps=200, output_dir="out/kto")
+                           model=common.SFT_MODEL_DIR, lr=5e-4, max_steps=200, output_dir="out/kto", real_lr="5e-7",
+                           toy_eval_data="eval_pairs.jsonl")
     p.add_argument("--beta", type=float, default=0.1, help="KTO beta: the scale of r inside the sigmoid")
     p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable losses")
     p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable losses")
@@ -149,8 +155,11 @@ def main(argv=None):
     tokenizer, model = common.load_policy(args, device)
     reference = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
                                                 allow_pickle=args.allow_pickle))
-    rows = read_feedback(args.data)
-    examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
+
+    def load(path):
+        return common.tokenize(read_feedback(path), tokenizer, args.max_length, ("completion",))
+
+    examples = load(args.data)
     n_desirable = sum(e["label"] for e in examples)
     warning = weight_warning(n_desirable, len(examples) - n_desirable, args.desirable_weight, args.undesirable_weight)
     if warning and common.rank() == 0:
@@ -158,18 +167,27 @@ def main(argv=None):
     model = common.shard_model(model, device)
     reference = common.shard_model(reference, device)
     optimizer, scheduler = common.make_optimizer(model, args)
-    toy = is_toy(args)
+    pad_id, toy = tokenizer.pad_token_id, is_toy(args)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    if heldout:  # scored by the reference once, as the reference never changes
+        with torch.no_grad():
+            heldout_ref = [common.sequence_logps(reference, collate_with_mismatched(c, pad_id, device))[0]
+                           for c in heldout]
     n_global = args.batch_size * args.grad_accum * common.world()
     state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
+    def evaluation():
+        return {**(evaluate(model, tokenizer, args, device) if toy else {}),
+                **(heldout_metrics(model, heldout, heldout_ref, args, pad_id, device) if heldout else {})}
+
     logger = common.Logger(args, start)
-    if toy and start == 0:
-        logger.log(0, {**evaluate(model, tokenizer, args, device), **heldout_margin(model, reference, tokenizer, args, device)})
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
-        batches = [collate_with_mismatched(mb, tokenizer.pad_token_id, device) for mb in micro]
+        batches = [collate_with_mismatched(mb, pad_id, device) for mb in micro]
         # z0 first, from every micro-batch's mismatched half; the reference scores both halves at once
         with torch.no_grad():
             ref_logps = [common.sequence_logps(reference, b)[0] for b in batches]
@@ -204,10 +222,9 @@ def main(argv=None):
                 metrics["rewards/margins"] = reward_d / n_d - reward_u / n_u
             logger.log(step, {**metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                               "tokens/s": logger.tokens_per_second(device)})
-        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, {**evaluate(model, tokenizer, args, device),
-                              **heldout_margin(model, reference, tokenizer, args, device)})
-        logger.bar.update()
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

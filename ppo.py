@@ -151,6 +151,19 @@ def rollout(policy, ref, reward_model, value_model, prompts, tokenizer, args, de
     return batch, has_eos, {k: torch.cat(v) for k, v in parts.items()}
 
 
+def heldout_scores(policy, ref, reward_model, value_model, chunks, tokenizer, args, device):
+    """`eval/scores`: the reward model's mean score of responses sampled, as in rollout (seeded: the same draws
+    at every evaluation, training RNG untouched), for this rank's held-out prompts."""
+    total = n = 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + common.rank())
+        for chunk in chunks:
+            scores = rollout(policy, ref, reward_model, value_model, chunk, tokenizer, args, device)[2]["scores"]
+            total, n = total + float(scores.sum()), n + len(chunk)
+    total, n = common.all_sum([total, n], device)
+    return {"eval/scores": total / n}
+
+
 def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns, args, device, logger):
     """--ppo_epochs passes of clipped policy and value updates over shuffled minibatches.
     Returns the means over minibatches of pg, vf, pg clipfrac, vf clipfrac and entropy."""
@@ -178,24 +191,34 @@ def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns,
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"),
-                           model=common.SFT_MODEL_DIR, lr=3e-4, max_steps=100, batch_size=16, output_dir="out/ppo")
-    p.add_argument("--reward_model", default="out/rm", help="an rm.py output directory (default: %(default)s)")
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=3e-4, max_steps=100, batch_size=16, output_dir="out/ppo", real_lr="1e-6")
+    p.add_argument("--reward_model", default="out/rm", help="the reward model: a directory rm.py wrote")
     p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
-    p.add_argument("--kl_coef", type=float, default=0.05)
-    p.add_argument("--cliprange", type=float, default=0.2)
-    p.add_argument("--vf_coef", type=float, default=0.1)
-    p.add_argument("--cliprange_value", type=float, default=0.2)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=0.95)
-    p.add_argument("--whiten_rewards", action="store_true")
-    p.add_argument("--score_clip", type=float, default=None, help="clip RM scores to +-this (DeepSpeed-Chat: 5)")
-    p.add_argument("--missing_eos_penalty", type=float, default=None, help="subtracted from scores without EOS")
+    p.add_argument("--kl_coef", type=float, default=0.05,
+                   help="weight of the per-token KL penalty to the reference in the reward: higher keeps the policy "
+                        "closer to --model and harder to reward-hack (usual: 0.01 to 0.1)")
+    p.add_argument("--cliprange", type=float, default=0.2,
+                   help="policy clip eps: an update gains nothing by moving a token's probability ratio new/old "
+                        "outside [1 - eps, 1 + eps]")
+    p.add_argument("--vf_coef", type=float, default=0.1, help="weight of the value model's loss next to the policy's")
+    p.add_argument("--cliprange_value", type=float, default=0.2,
+                   help="value clip: an update gains nothing by moving a value more than this from its rollout value")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount per token of later rewards (1: none, usual)")
+    p.add_argument("--lam", type=float, default=0.95,
+                   help="GAE lambda: 0 estimates advantages from the next value only (low variance, biased), "
+                        "1 from the whole rest of the response")
+    p.add_argument("--whiten_rewards", action="store_true",
+                   help="scale the per-token rewards to unit variance over the rollout before GAE")
+    p.add_argument("--score_clip", type=float, default=None,
+                   help="clip reward-model scores to +-this (default: no clipping; DeepSpeed-Chat uses 5)")
+    p.add_argument("--missing_eos_penalty", type=float, default=None,
+                   help="subtracted from the score of a response cut off before EOS (default: none)")
     p.add_argument("--ppo_epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--num_mini_batches", type=int, default=4, help="optimizer steps per pass")
-    p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
-    p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
+    p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per sampling and scoring forward (no grad); lower it if memory runs out")
+    p.add_argument("--num_sample_generations", type=int, default=10, help="how many times a sampled response is printed during training (0: never)")
     p.add_argument("--save_value_model", action="store_true", help="also save the value model (output_dir/value_model)")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches", "local_rollout_forward_batch_size",
@@ -236,8 +259,11 @@ def main(argv=None):
     optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
     value_model.train()
 
-    rows = common.read_data(args.data, ())
-    prompts = common.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ())
+    def load(path):
+        return common.tokenize(common.read_data(path, ()), tokenizer, args.max_length - args.max_new_tokens, ())
+
+    prompts = load(args.data)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
     per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
@@ -247,9 +273,13 @@ def main(argv=None):
                               value_optimizer=optimizers[1][0], value_scheduler=optimizers[1][1])
     start = state.resume()
 
+    def evaluation():
+        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_scores(
+            policy, ref, reward_model, value_model, heldout, tokenizer, args, device) if heldout else {})}
+
     logger = common.Logger(args, start)
-    if toy and start == 0:
-        logger.log(0, evaluate(policy, tokenizer, args, device))
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the rollout clock
     for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, per_rollout) for p in mb]
@@ -289,9 +319,9 @@ def main(argv=None):
             response = batch["labels"][0][mask[0].bool()]
             logger.bar.write(f"[step {step}] {tokenizer.decode(batch_prompts[0]['prompt'], skip_special_tokens=True)!r}"
                              f" -> {tokenizer.decode(response)!r} (score {float(scores[0]):.3f})")
-        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, evaluate(policy, tokenizer, args, device))
-        logger.bar.update()
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
         state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's

@@ -12,8 +12,8 @@ as `value_head.safetensors` beside it; `load_reward_model(path)` loads both, and
 --save_every checkpoints (output_dir/checkpoint-N), written in the same layout.
 
 Data: JSONL with `prompt`, `chosen`, `rejected`, or any pair shape (README, Bring your own data).
-Default: the toy pairs; held-out accuracy on the toy eval pairs (or --eval_data) is logged at the
-start and the end.
+Default: the toy pairs. Held-out accuracy on --eval_data
+(default: the toy eval pairs on toy data) is logged at the start and the end, and every --eval_every steps.
 
     python sft.py && python rm.py                            # toy task: out/sft -> out/rm
     torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-from toy.eval import is_toy
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -84,35 +83,28 @@ def save_reward_model(model, tokenizer, out_dir):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"),
-                           model=common.SFT_MODEL_DIR, lr=3e-4, max_steps=600, output_dir="out/rm")
-    p.add_argument("--eval_data", default=None,
-                   help="held-out pairs for eval/accuracy (default: the toy eval pairs when --data is toy)")
-    p.add_argument("--margin", type=float, default=0.0, help="required reward gap m in -logsig(r_w - r_l - m)")
-    p.add_argument("--center_coef", type=float, default=0.001, help="weight of r_w^2 + r_l^2 (align-anything)")
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=3e-4, max_steps=600, output_dir="out/rm", real_lr="1e-5", toy_eval_data="eval_pairs.jsonl")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="reward gap m the chosen response must win by: the loss is -logsig(r_w - r_l - m)")
+    p.add_argument("--center_coef", type=float, default=0.001,
+                   help="weight of r_w^2 + r_l^2, which keeps rewards near 0 (0: off)")
     args = p.parse_args(argv)
     common.check_range(args, "center_coef", low=0)
-    if args.eval_data is None and is_toy(args):
-        args.eval_data = os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl")
     return args
 
 
-@torch.no_grad()
-def evaluate_pairs(model, examples, pad_id, device, batch_size):
-    """eval/accuracy and eval/margin on held-out pairs, split over ranks."""
-    usable = examples[: len(examples) - len(examples) % common.world()]  # equal forwards on every rank (FSDP)
-    mine = usable[common.rank()::common.world()]
-    was_training = model.training
-    model.eval()
-    correct = margin = 0.0
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i:i + batch_size]
-        rewards = last_token_rewards(model, common.collate_pairs(chunk, pad_id, device))
-        chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
-        correct += float((chosen > rejected).sum())
-        margin += float((chosen - rejected).sum())
-    model.train(was_training)
-    correct, margin, n = common.all_sum([correct, margin, len(mine)], device)
+def evaluate_pairs(model, chunks, pad_id, device):
+    """eval/accuracy and eval/margin on held-out pairs (this rank's chunks)."""
+    correct = margin = n = 0.0
+    with common.evaluating(model):
+        for chunk in chunks:
+            rewards = last_token_rewards(model, common.collate_pairs(chunk, pad_id, device))
+            chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
+            correct += float((chosen > rejected).sum())
+            margin += float((chosen - rejected).sum())
+            n += len(chunk)
+    correct, margin, n = common.all_sum([correct, margin, n], device)
     return {"eval/accuracy": correct / n, "eval/margin": margin / n}
 
 
@@ -125,9 +117,12 @@ def main(argv=None):
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     fields = ("chosen", "rejected")
-    examples = common.tokenize(common.read_data(args.data, fields), tokenizer, args.max_length, fields)
-    held_out = (common.tokenize(common.read_data(args.eval_data, fields), tokenizer, args.max_length, fields)
-                if args.eval_data else None)
+
+    def load(path):
+        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+
+    examples = load(args.data)
+    held_out = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
     backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -141,7 +136,7 @@ def main(argv=None):
 
     logger = common.Logger(args, start)
     if held_out and start == 0:
-        logger.log(0, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
+        logger.log(0, evaluate_pairs(model, held_out, pad_id, device))
     model.train()
     for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
@@ -165,8 +160,8 @@ def main(argv=None):
                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                               "tokens/s": logger.tokens_per_second(device)})
         if held_out and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, evaluate_pairs(model, held_out, pad_id, device, args.batch_size))
-        logger.bar.update()
+            logger.log(step, evaluate_pairs(model, held_out, pad_id, device))
+        logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
     save_reward_model(model, tokenizer, args.output_dir)

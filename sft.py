@@ -33,8 +33,22 @@ def sft_loss(token_logps, mask, n_tokens):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "sft.jsonl"), output_dir="out/sft")
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "sft.jsonl"), output_dir="out/sft",
+                           real_lr="2e-5")
     return p.parse_args(argv)
+
+
+def heldout_loss(model, chunks, pad_id, device):
+    """`eval/loss`: sft_loss over every response token of the held-out examples (all ranks)."""
+    nll = n_tokens = 0.0
+    with common.evaluating(model):
+        for chunk in chunks:
+            batch = common.collate_single(chunk, pad_id, device)
+            mask = batch["labels"] != -100
+            nll += float(sft_loss(common.token_logps(model, batch), mask, 1))  # n_tokens 1: the summed NLL
+            n_tokens += int(mask.sum())
+    nll, n_tokens = common.all_sum([nll, n_tokens], device)
+    return {"eval/loss": nll / n_tokens}
 
 
 def main(argv=None):
@@ -42,18 +56,26 @@ def main(argv=None):
     common.check_args(args)
     device = common.setup(args)
 
-    rows = common.read_data(args.data, ("completion",))
     tokenizer, model = common.load_policy(args, device)
-    examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
+
+    def load(path):
+        return common.tokenize(common.read_data(path, ("completion",)), tokenizer, args.max_length, ("completion",))
+
+    examples = load(args.data)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
     toy = is_toy(args)
 
+    def evaluation():
+        return {**(evaluate(model, tokenizer, args, device) if toy else {}),
+                **(heldout_loss(model, heldout, tokenizer.pad_token_id, device) if heldout else {})}
+
     logger = common.Logger(args, start)
-    if toy and start == 0:
-        logger.log(0, evaluate(model, tokenizer, args, device))
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
         batches = [common.collate_single(mb, tokenizer.pad_token_id, device)
@@ -72,9 +94,9 @@ def main(argv=None):
             (loss,) = common.all_sum([float(total)], device)
             logger.log(step, {"loss": loss, "perplexity": math.exp(min(loss, 50)), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
-        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, evaluate(model, tokenizer, args, device))
-        logger.bar.update()
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
         state.end_step(step, loss=total, grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

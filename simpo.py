@@ -71,14 +71,16 @@ def pair_losses(tokens, mask, args):
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=None, max_steps=150, batch_size=16, output_dir="out/simpo")
-    p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"])
+                           lr=None, max_steps=150, batch_size=16, real_lr="5e-7 for SimPO, 1e-6 for CPO",
+                           toy_eval_data="eval_pairs.jsonl", output_dir="out/simpo")
+    p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"],
+                   help="simpo: length-normalised rewards and a target margin; cpo: summed log-probs and an SFT term")
     p.add_argument("--beta", type=float, default=None, help="reward scale (default: 2.0 for simpo, 0.1 for cpo)")
-    p.add_argument("--gamma", type=float, default=None, help="SimPO's target reward margin, the seed's simpo_gamma "
+    p.add_argument("--gamma", type=float, default=None, help="SimPO's target reward margin "
                    "(default: 1.0; the paper uses gamma/beta about 0.5)")
     p.add_argument("--cpo_alpha", type=float, default=None,
-                   help="weight of the chosen NLL (token mean); default 0 for simpo, the original SimPO "
-                        "(the seed, ms-swift, documents 1.0), and 1.0 for cpo")
+                   help="weight of an SFT term, the NLL of the chosen responses (token mean); default 0 for simpo, "
+                        "the original SimPO (1.0 often steadies it), and 1.0 for cpo")
     args = p.parse_args(argv)
     cpo = args.loss == "cpo"
     args.beta = (0.1 if cpo else 2.0) if args.beta is None else args.beta
@@ -94,14 +96,20 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()
-def heldout_rewards(model, batch, args, device):
-    """`eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs (this rank's share in one batch)."""
-    tokens = common.token_logps(model, batch)
-    _, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, batch["labels"] != -100, args)
-    correct, margin, n = common.all_sum([float((chosen_rewards > rejected_rewards).sum()),
-                                         float((chosen_rewards - rejected_rewards).sum()), len(chosen_rewards)], device)
-    return {"eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+def heldout_metrics(model, chunks, args, pad_id, device):
+    """`eval/loss` (the training loss), `eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs
+    (this rank's chunks)."""
+    sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
+    with common.evaluating(model):
+        for chunk in chunks:
+            batch = common.collate_pairs(chunk, pad_id, device)
+            tokens, mask = common.token_logps(model, batch), batch["labels"] != -100
+            losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, mask, args)
+            sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
+                                 mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
+                                 (chosen_rewards - rejected_rewards).sum()]).double().cpu()
+    n, loss, nll, n_chosen, correct, margin = common.all_sum(sums.tolist(), device)
+    return {"eval/loss": loss / n + args.cpo_alpha * nll / n_chosen, "eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
 
 
 def main(argv=None):
@@ -111,24 +119,26 @@ def main(argv=None):
 
     tokenizer, model = common.load_policy(args, device)
     fields = ("chosen", "rejected")
-    rows = common.read_data(args.data, fields)
-    examples = common.tokenize(rows, tokenizer, args.max_length, fields)
+
+    def load(path):
+        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+
+    examples = load(args.data)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
-    if toy:  # held-out pairs
-        heldout = common.read_jsonl(os.path.join(common.TOY_DATA_DIR, "eval_pairs.jsonl"), ["prompt", *fields])
-        heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
-        heldout_batch = common.collate_pairs(heldout, pad_id, device)
-
     state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
+    def evaluation():
+        return {**(evaluate(model, tokenizer, args, device) if toy else {}),
+                **(heldout_metrics(model, heldout, args, pad_id, device) if heldout else {})}
+
     logger = common.Logger(args, start)
-    if toy and start == 0:
-        logger.log(0, {**evaluate(model, tokenizer, args, device),
-                       **heldout_rewards(model, heldout_batch, args, device)})
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
         micro = common.micro_batches(examples, step - 1, args)
@@ -157,10 +167,9 @@ def main(argv=None):
                               "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                               "tokens/s": logger.tokens_per_second(device)})
-        if toy and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, {**evaluate(model, tokenizer, args, device),
-                              **heldout_rewards(model, heldout_batch, args, device)})
-        logger.bar.update()
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
     common.save_checkpoint(model, tokenizer, args.output_dir)

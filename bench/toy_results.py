@@ -36,7 +36,7 @@ HELD_OUT = ["eval/rewards/accuracies", "eval/rewards/margins"]  # pairwise scrip
 
 def run(name, script, flags, out, log):
     """Run one script; return its metrics rows and wall time."""
-    cmd = [sys.executable, script, "--output_dir", out, *flags]
+    cmd = [sys.executable, script, "--output_dir", out, "--overwrite_output_dir", *flags]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=log)

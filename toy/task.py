@@ -114,6 +114,9 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, seed=0):
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # save_pretrained's "Writing model shards" bar: noise in test and script output
 
     words = SPECIALS + PROMPT_WORDS + sorted(TOPICS) + [w for ws in TOPIC_WORDS.values() for w in ws]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
