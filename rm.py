@@ -12,8 +12,8 @@ as `value_head.safetensors` beside it; `load_reward_model(path)` loads both, and
 --save_every checkpoints (output_dir/checkpoint-N), written in the same layout.
 
 Data: JSONL with `prompt`, `chosen`, `rejected`, or any pair shape (README, Bring your own data).
-Default: the toy pairs. Held-out accuracy on --eval_data
-(default: the toy eval pairs on toy data) is logged at the start and the end, and every --eval_every steps.
+Default: the toy pairs. Held-out accuracy on --eval_data (default: the toy eval pairs on toy data)
+is logged at the start and the end, and every --eval_every steps.
 
     python sft.py && python rm.py                            # toy task: out/sft -> out/rm
     torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
