@@ -51,11 +51,28 @@ def test_label_smoothing_by_hand():
     assert losses.item() == pytest.approx(0.664397, abs=1e-6)
 
 
-def test_rdpo_margin_by_hand():
-    # R-DPO with alpha 0.01, |y_w| = 10, |y_l| = 5: margin = 0.01 * 5 = 0.05
-    # L = -logsig(0.1 - 0.05) = log(1 + e^-0.05) = log(1.951229) = 0.668460
-    losses, _, _ = dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1, margin=0.01 * (10 - 5))
-    assert losses.item() == pytest.approx(0.668460, abs=1e-6)
+def test_rdpo_loss_by_hand():
+    # R-DPO (Park et al. 2024, eq. 9) with alpha 0.01, |y_w| = 10, |y_l| = 5: alpha*(|y_w| - |y_l|) = +0.05
+    # z = beta*h + 0.05 = 0.1 + 0.05 = 0.15;  L = log(1 + e^-0.15) = log(1.860708) = 0.620957
+    # (the reversed sign, z = 0.1 - 0.05, would give log(1 + e^-0.05) = 0.668460)
+    losses, _, _ = dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1, rdpo_term=0.01 * (10 - 5))
+    assert losses.item() == pytest.approx(0.620957, abs=1e-6)
+
+
+def test_rdpo_in_the_script_discounts_the_longer_chosen_response(tiny_model, tmp_path):
+    # step 1, policy == reference: h = 0, so the loss is the mean over pairs of -logsig(alpha*(|y_w| - |y_l|)),
+    # |y| counting the response's words plus its EOS. alpha = 0.5:
+    #   pair 1: chosen "cat dog horse" (3 + 1), rejected "red" (1 + 1):              z = 0.5 * 2 = 1
+    #   pair 2: chosen "apple" (1 + 1), rejected "rain snow wind fog" (4 + 1):       z = 0.5 * -3 = -1.5
+    #   L = (log(1 + e^-1) + log(1 + e^1.5)) / 2 = (0.313262 + 1.701413) / 2 = 1.007337
+    # (the reversed sign gives (1.313262 + 0.201413) / 2 = 0.757337)
+    rows = [{"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
+            {"prompt": "tell me about fruits :", "chosen": "apple", "rejected": "rain snow wind fog"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+              "--batch_size", "2", "--log_every", "1", "--rdpo_alpha", "0.5"])
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(1.007337, abs=1e-6)
 
 
 def test_identical_chosen_and_rejected_give_a_finite_loss():
