@@ -209,7 +209,20 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     if info["missing_keys"]:  # e.g. a backbone without its LM head: never train from random weights silently
         raise UserError(f"{path}: not loadable as {auto_class.__name__}, the checkpoint lacks "
                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a backbone without its LM head?)")
-    return model.to(device)
+    return disable_dropout(model).to(device)
+
+
+def disable_dropout(model):
+    """Dropout off in training too, as TRL does: every nn.Dropout, and the float rates that attention code
+    reads in train mode (Llama's attention_dropout, OPT's dropout and layerdrop). With it on, DPO's step-1
+    loss (policy == reference) is not log 2 and PPO's first ratio is not 1. The saved config is unchanged."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def load_policy(args, device):

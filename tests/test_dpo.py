@@ -2,7 +2,9 @@
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -207,6 +209,33 @@ def test_identical_pairs_train_without_nan(sft_model, tmp_path):
     metrics = run_dpo(sft_model, small_pairs(tmp_path, identical=True), tmp_path / "out", "--rpo_alpha", "0")
     assert all(m["loss"] == pytest.approx(math.log(2), abs=1e-6) for m in metrics)  # h = 0 for every pair
     assert all(m["grad_norm"] < 1e-6 for m in metrics)  # chosen and rejected gradients cancel (up to rounding)
+
+
+def model_with_dropout(tiny_model, path, kind):
+    """The toy tokenizer with a model whose dropout rate is 0.3: the tiny Llama with attention_dropout 0.3
+    (a float its attention reads in train mode), or a small GPT-2 (nn.Dropout on embeddings, attention, residuals)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if kind == "llama":
+        shutil.copytree(tiny_model, path)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                   resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dropout_is_off_so_step_one_is_log2(tiny_model, tmp_path, kind):
+    # policy == reference at step 1, so h = 0 and L = -logsig(0) = log 2 = 0.693147 for every pair, unless dropout
+    # makes the policy's train-mode forward differ from the reference's
+    model = model_with_dropout(tiny_model, tmp_path / "model", kind)
+    metrics = run_dpo(model, small_pairs(tmp_path, n=8), tmp_path / "out", "--max_steps", "1", "--rpo_alpha", "0")
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_bad_flags_are_user_errors():
