@@ -302,7 +302,7 @@ def token_logps(model, batch, temperature=1.0):
             head.forward = own_forward
     if not scored or out.logits is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
         logits = model(**inputs).logits[:, :-1]
-        return gather_logps(logits / temperature if temperature != 1.0 else logits, labels)
+        return gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels)  # float32 / T
     return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
 
 
