@@ -463,18 +463,29 @@ def tokenize(rows, tokenizer, max_length, fields):
     """Tokenize each row into {"prompt": ids, field: ids for field in fields, "label"?}.
 
     `fields` are the completion fields: ("completion",), ("chosen", "rejected"), or () for prompts.
-    The prompt is tokenized once and shared by a pair's two completions.
+    The prompt is tokenized once and shared by a pair's two completions. The first completion token is
+    always predicted from a prompt token (BOS, for an empty prompt), never from padding: a prompt of zero
+    tokens is an error, and so is a max_length that cannot keep one prompt token and a whole completion.
     """
-    examples, cut_at = [], []
+    examples, cut_at, unfit = [], [], []
     for row in rows:
-        prompt = encode_prompt(tokenizer, row["prompt"])
+        where, prompt = row.get("_where", "?"), encode_prompt(tokenizer, row["prompt"])
+        if not prompt:
+            raise UserError(f"{where}: the prompt is empty after tokenization and this tokenizer adds no BOS "
+                            "token, so no token would predict the completion's first token; give it a prompt")
         completions = [encode_completion(tokenizer, row["prompt"], row[f]) for f in fields]
+        need = 1 + max(map(len, completions), default=0)  # one prompt token and the longest whole completion
+        unfit += [(where, need)] * (need > max_length)
         prompt, budget, cut = truncate(prompt, [len(c) for c in completions] or [0], max_length)
-        cut_at += [row.get("_where", "?")] * cut
+        cut_at += [where] * cut
         ex = {"prompt": prompt, **{f: c[:budget] for f, c in zip(fields, completions)}}
         if "label" in row:
             ex["label"] = row["label"]
         examples.append(ex)
+    if unfit:
+        raise UserError(f"{unfit[0][0]}: --max_length {max_length} cannot hold one prompt token and the whole "
+                        f"completion, EOS included ({len(unfit)} of {len(rows)} examples); use --max_length "
+                        f"{max(need for _, need in unfit)} or more")
     if cut_at and rank() == 0:
         print(f"warning: {len(cut_at)} of {len(rows)} examples (the first at {cut_at[0]}) are longer than "
               f"--max_length {max_length} and were truncated, not dropped (prompt from the left first, then the "

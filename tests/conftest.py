@@ -1,5 +1,7 @@
-"""Shared fixtures: the tiny model and one toy SFT checkpoint, built once per test session."""
+"""Shared fixtures: the tiny model (also with a tokenizer that adds no BOS) and one toy SFT checkpoint,
+built once per test session."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -24,3 +26,19 @@ def sft_model(tiny_model, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft"))
     sft.main(["--output_dir", out, "--max_steps", "400", "--log_every", "50"])
     return out
+
+
+@pytest.fixture(scope="session")
+def no_bos_model(tiny_model, tmp_path_factory):
+    """The tiny model with a Qwen-style tokenizer: the same words, but no BOS token and no post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("no_bos")
+    backend = Tokenizer(models.WordLevel(AutoTokenizer.from_pretrained(tiny_model).get_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(out)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), out)
+    return str(out)
