@@ -600,6 +600,17 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def retie_shared_weights(model, state):
+    """`state` with the names of one shared parameter (tied embeddings) pointing at one tensor again, as in
+    model.state_dict(). Under FSDP, get_model_state_dict gathers each name into a copy of its own, and
+    save_pretrained would then write the tied lm_head too: a save must hold what one process's holds."""
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(param), name) != name and name in state:
+            state[name] = state[first_name[id(param)]]
+    return state
+
+
 def shard_like(full, live):
     """`full` placed like `live`: this rank's shard of it when `live` is an FSDP DTensor."""
     if not hasattr(live, "device_mesh"):
@@ -636,7 +647,7 @@ def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
     removed: a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
     `extra_files` maps a file name to a function that writes it (e.g. a value head).
     """
-    state = full_state_dict(model)
+    state = retie_shared_weights(model, full_state_dict(model))
     if rank() == 0:
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
