@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,3 +43,14 @@ def no_bos_model(tiny_model, tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(tiny_model, name), out)
     return str(out)
+
+
+def naive_completion_logps(model, tokenizer, prompt, completion):
+    """Per-token log-probs (1-D) of a plain-text completion and its EOS after a plain-text prompt, without the
+    project's tokenize, collate or log-prob code: the sequence alone, full logits, log_softmax, gather."""
+    prompt_ids = tokenizer(prompt).input_ids  # with BOS when the tokenizer adds one
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logps[len(prompt_ids) - 1:]  # the last prompt token predicts the first completion token

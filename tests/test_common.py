@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import naive_completion_logps
 from toy.task import TINY_MODEL_DIR
 
 
@@ -86,13 +87,6 @@ def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer
     torch.testing.assert_close(sums, ours.sum(-1))
 
 
-def naive_completion_logps(model, prompt, completion):
-    """Log-probs of the completion tokens, the sequence run alone: no padding, full logits, log_softmax, gather."""
-    ids = torch.tensor([prompt + completion])
-    logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-    return logps[len(prompt) - 1:]
-
-
 def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
     """The toy tokenizer adds BOS: an empty prompt is [BOS], which predicts the first completion token, in a batch
     mixed with a longer prompt (so the row is left-padded) and in a batch of empty prompts only."""
@@ -101,9 +95,9 @@ def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
             {"prompt": "tell me about fruits and colors :", "completion": "apple"}]
     examples = common.tokenize(rows, tokenizer, 64, ("completion",))
     assert examples[0]["prompt"] == [tokenizer.bos_token_id]
-    cat, dog, eos = tokenizer.convert_tokens_to_ids(["cat", "dog", "</s>"])
+    alone = naive_completion_logps(model, tokenizer, "", "cat dog")  # [BOS] predicts cat, then dog, then EOS
+    assert len(alone) == 3
     with torch.no_grad():
-        alone = naive_completion_logps(model, [tokenizer.bos_token_id], [cat, dog, eos])
         for batch_rows in (examples, examples[:1] * 2):
             batch = common.collate_single(batch_rows, tokenizer.pad_token_id, torch.device("cpu"))
             torch.testing.assert_close(common.token_logps(model, batch)[0], alone, atol=1e-5, rtol=0)

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import dpo
+from conftest import naive_completion_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,21 +190,17 @@ def test_precompute_ref_matches_the_live_reference(sft_model, live_run, tmp_path
     assert_same_run(live, str(tmp_path))
 
 
-def test_rpo_adds_the_chosen_token_mean_nll(sft_model, live_run):
-    # step 1: policy == reference, so the DPO term is log 2 and the loss is log 2 + 1.0 * NLL(chosen),
-    # the NLL a token mean over the chosen responses of step 1's batch, computed here independently
-    data, live = live_run
-    args = dpo.parse_args(["--data", data, "--batch_size", "8"])
-    tokenizer = common.load_tokenizer(sft_model)
-    examples = common.tokenize(common.read_jsonl(data, ["prompt", "chosen", "rejected"]), tokenizer, 512,
-                               ("chosen", "rejected"))
-    (first,) = common.micro_batches(examples, 0, args)
-    batch = common.collate_single([{"prompt": e["prompt"], "completion": e["chosen"]} for e in first],
-                                  tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        logps, n_tokens = common.sequence_logps(common.load_model(sft_model, torch.device("cpu")), batch)
-    expected = math.log(2) - logps.sum().item() / n_tokens.sum().item()
-    assert read_metrics(live)[0]["loss"] == pytest.approx(expected, abs=1e-5)
+def test_rpo_adds_the_chosen_token_mean_nll(sft_model, tmp_path):
+    # 8 pairs, batch 8: step 1 sees all of them, with policy == reference, so the DPO term is log 2 and the loss
+    # is log 2 + 1.0 * NLL(chosen), the NLL a token mean over the 8 chosen responses, each scored here alone
+    data = small_pairs(tmp_path, n=8)
+    metrics = run_dpo(sft_model, data, tmp_path / "out", "--max_steps", "1")
+    tokenizer, model = AutoTokenizer.from_pretrained(sft_model), AutoModelForCausalLM.from_pretrained(sft_model)
+    chosen = [naive_completion_logps(model, tokenizer, row["prompt"], row["chosen"])
+              for row in map(json.loads, open(data))]
+    assert len(chosen) == 8
+    nll = -sum(c.sum().item() for c in chosen) / sum(len(c) for c in chosen)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2) + nll, abs=1e-5)
 
 
 def test_identical_pairs_train_without_nan(sft_model, tmp_path):
@@ -257,9 +255,9 @@ def test_torchrun_two_processes_match_one(sft_model, live_run, tmp_path):
     # 2 processes x batch 4 (FSDP2 on gloo), reference log-probs precomputed and swapped between ranks,
     # against 1 process x batch 8 with the live reference
     data, live = live_run
-    cmd = ["torchrun", "--nproc_per_node=2", "dpo.py", "--model", sft_model, "--data", data, "--output_dir",
-           str(tmp_path), "--max_steps", "3", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3",
-           "--rpo_alpha", "1.0", "--precompute_ref"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py",
+           "--model", sft_model, "--data", data, "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "4",
+           "--log_every", "1", "--lr", "1e-3", "--rpo_alpha", "1.0", "--precompute_ref"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -101,7 +101,7 @@ def test_alpha_one_trains_exactly_like_dpo(sft_model, tmp_path):
                    "--log_every", "1", "--lr", "1e-3"]
     dpo.main([*common_args, "--output_dir", str(tmp_path / "dpo")])
     ld_dpo.main([*common_args, "--output_dir", str(tmp_path / "ld"), "--ld_alpha", "1.0"])
-    for a, b in zip(read_metrics(tmp_path / "dpo"), read_metrics(tmp_path / "ld")):
+    for a, b in zip(read_metrics(tmp_path / "dpo"), read_metrics(tmp_path / "ld"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
     wa, wb = load_file(tmp_path / "dpo" / "model.safetensors"), load_file(tmp_path / "ld" / "model.safetensors")

@@ -84,7 +84,7 @@ def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
     naive = (F.linear(hidden, weight, bias) / 2.0).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     naive_grads = torch.autograd.grad((naive * upstream).sum(), (hidden, weight, bias))
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
-    for got, want in zip(fast_grads, naive_grads):
+    for got, want in zip(fast_grads, naive_grads, strict=True):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 

@@ -206,7 +206,7 @@ def test_ppo_raises_the_reward_model_score(sft_model, reward_model, tmp_path):
 
 def test_ppo_under_torchrun_does_not_deadlock(sft_model, reward_model, tmp_path):
     out = str(tmp_path / "ppo2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "ppo.py"), "--model", sft_model, "--reward_model", reward_model, "--output_dir", out,
            "--max_steps", "2", "--batch_size", "8", "--num_mini_batches", "1", "--ppo_epochs", "1",
            "--warmup_ratio", "0",

@@ -79,7 +79,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common_flags,
            "--output_dir", two, "--batch_size", "4"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
-    for a, b in zip(rows(one), rows(two)):
+    for a, b in zip(rows(one), rows(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
     assert w1.keys() == w2.keys()
