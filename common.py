@@ -274,7 +274,20 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     if info["missing_keys"]:  # e.g. a backbone without its LM head: never train from random weights silently
         raise UserError(f"{path}: not loadable as {auto_class.__name__}, the checkpoint lacks "
                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a backbone without its LM head?)")
-    return model.to(device)
+    return disable_dropout(model).to(device)
+
+
+def disable_dropout(model):
+    """Dropout off in training too, as TRL does: every nn.Dropout, and the float rates that attention code
+    reads in train mode (Llama's attention_dropout, OPT's dropout and layerdrop). With it on, DPO's step-1
+    loss (policy == reference) is not log 2 and PPO's first ratio is not 1. The saved config is unchanged."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def load_policy(args, device):
@@ -366,7 +379,7 @@ def token_logps(model, batch, temperature=1.0):
             head.forward = own_forward
     if not scored or out.logits is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
         logits = model(**inputs).logits[:, :-1]
-        return gather_logps(logits / temperature if temperature != 1.0 else logits, labels)
+        return gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels)  # float32 / T
     return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
 
 
@@ -681,18 +694,30 @@ def tokenize(rows, tokenizer, max_length, fields):
     The prompt is tokenized once and shared by a pair's two completions. A multi-turn chat (SFT) also
     gets "completion_mask", 0/1 over the completion ids: its user turns and role headers sit in the
     completion but are never scored (collate's `masks`).
+    The first completion token is
+    always predicted from a prompt token (BOS, for an empty prompt), never from padding: a prompt of zero
+    tokens is an error, and so is a max_length that cannot keep one prompt token and a whole completion.
     """
-    examples, cut_at = [], []
+    examples, cut_at, unfit = [], [], []
     for row in rows:
-        prompt = encode_prompt(tokenizer, row["prompt"])
-        encoded = [encode_completion(tokenizer, row["prompt"], row[f], row.get("_where", "?")) for f in fields]
+        where, prompt = row.get("_where", "?"), encode_prompt(tokenizer, row["prompt"])
+        if not prompt:
+            raise UserError(f"{where}: the prompt is empty after tokenization and this tokenizer adds no BOS "
+                            "token, so no token would predict the completion's first token; give it a prompt")
+        encoded = [encode_completion(tokenizer, row["prompt"], row[f], where) for f in fields]
+        need = 1 + max((len(ids) for ids, _ in encoded), default=0)  # one prompt token and the longest whole completion
+        unfit += [(where, need)] * (need > max_length)
         prompt, budget, cut = truncate(prompt, [len(ids) for ids, _ in encoded] or [0], max_length)
-        cut_at += [row.get("_where", "?")] * cut
+        cut_at += [where] * cut
         ex = {"prompt": prompt, **{f: ids[:budget] for f, (ids, _) in zip(fields, encoded)}}
         ex.update({f"{f}_mask": mask[:budget] for f, (_, mask) in zip(fields, encoded) if mask})
         if "label" in row:
             ex["label"] = row["label"]
         examples.append(ex)
+    if unfit:
+        raise UserError(f"{unfit[0][0]}: --max_length {max_length} cannot hold one prompt token and the whole "
+                        f"completion, EOS included ({len(unfit)} of {len(rows)} examples); use --max_length "
+                        f"{max(need for _, need in unfit)} or more")
     if cut_at and rank() == 0:
         print(f"warning: {len(cut_at)} of {len(rows)} examples (the first at {cut_at[0]}) are longer than "
               f"--max_length {max_length} and were truncated, not dropped (prompt from the left first, then the "
@@ -858,6 +883,17 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def retie_shared_weights(model, state):
+    """`state` with the names of one shared parameter (tied embeddings) pointing at one tensor again, as in
+    model.state_dict(). Under FSDP, get_model_state_dict gathers each name into a copy of its own, and
+    save_pretrained would then write the tied lm_head too: a save must hold what one process's holds."""
+    first_name = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(param), name) != name and name in state:
+            state[name] = state[first_name[id(param)]]
+    return state
+
+
 def shard_like(full, live):
     """`full` placed like `live`: this rank's shard of it when `live` is an FSDP DTensor."""
     if not hasattr(live, "device_mesh"):
@@ -894,7 +930,7 @@ def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
     removed: a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
     `extra_files` maps a file name to a function that writes it (e.g. a value head).
     """
-    state = full_state_dict(model)
+    state = retie_shared_weights(model, full_state_dict(model))
     if rank() == 0:
         tmp = out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,7 @@
     DPO:    L = -logsig(beta*h)
     cDPO:   L = -(1-eps)*logsig(beta*h) - eps*logsig(-beta*h)          --label_smoothing eps
     IPO:    L = (h - 1/(2*beta))^2                                      --loss_type ipo
-    R-DPO:  L = -logsig(beta*h - rdpo_alpha*(|y_w| - |y_l|))            --rdpo_alpha
+    R-DPO:  L = -logsig(beta*h + rdpo_alpha*(|y_w| - |y_l|))            --rdpo_alpha
     RPO:    L += rpo_alpha * NLL(y_w), a per-token mean over the chosen --rpo_alpha
     SamPO:  each logp(y) sums only min(|y_w|, |y_l|) of y's tokens, drawn at random without
             replacement (the same tokens for policy and reference)     --sampo
@@ -32,20 +32,21 @@ from toy.eval import evaluate, is_toy
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, label_smoothing=0.0, loss_type="sigmoid", margin=0.0):
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid", rdpo_term=0.0):
     """Per-pair losses (B,) and the implicit rewards beta*(logp - ref_logp) of chosen and rejected (detached).
 
         h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-        sigmoid: L = -(1-eps)*logsig(beta*h - margin) - eps*logsig(-(beta*h - margin)),  eps = label_smoothing
+        sigmoid: L = -(1-eps)*logsig(z) - eps*logsig(-z),  z = beta*h + rdpo_term,  eps = label_smoothing
         ipo:     L = (h - 1/(2*beta))^2
 
-    `margin` (scalar or (B,)) is R-DPO's rdpo_alpha*(|y_w| - |y_l|); 0 gives DPO (eps = 0) or cDPO (eps > 0).
+    `rdpo_term` (scalar or (B,)) is R-DPO's rdpo_alpha*(|y_w| - |y_l|) (Park et al. 2024, eq. 9): a longer
+    chosen response raises z, so the pair weighs less. 0 gives DPO (eps = 0) or cDPO (eps > 0).
     """
     chosen_ratios = chosen_logps - ref_chosen_logps
     rejected_ratios = rejected_logps - ref_rejected_logps
     h = chosen_ratios - rejected_ratios
     if loss_type == "sigmoid":
-        z = beta * h - margin
+        z = beta * h + rdpo_term
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
@@ -79,7 +80,7 @@ def pair_losses(policy_tokens, ref_tokens, mask, args, generator):
     chosen_len, rejected_len = mask.sum(-1).chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type,
-        margin=args.rdpo_alpha * (chosen_len - rejected_len))
+        rdpo_term=args.rdpo_alpha * (chosen_len - rejected_len))
     return losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach()
 
 
@@ -94,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--rpo_alpha", type=float, default=0.0,
                    help="weight of an SFT term, the NLL of the chosen responses (token mean): 0 is plain DPO, "
                         "1.0 (RPO) often keeps responses shorter")
-    p.add_argument("--rdpo_alpha", type=float, default=0.0, help="R-DPO: margin per token of |y_w| - |y_l|")
+    p.add_argument("--rdpo_alpha", type=float, default=0.0,
+                   help="R-DPO: add rdpo_alpha*(|y_w| - |y_l|) (tokens) to beta*h; a longer chosen response weighs less")
     p.add_argument("--sampo", action="store_true", help="SamPO: down-sample both responses to the shorter one's length")
     p.add_argument("--ref_model", default=None, help="reference model (default: a frozen copy of --model)")
     p.add_argument("--precompute_ref", action="store_true",

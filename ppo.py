@@ -118,10 +118,9 @@ def policy_logps(policy, batch, temperature):
     """common.token_logps, plus the entropy of pi(.|state) at each response position (no grad)."""
     out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1] / temperature
+    logits = out.logits[:, :-1].float() / temperature  # in float32, as the rollout's scoring: bf16 / T would round
     with torch.no_grad():
-        logits32 = logits.float()
-        entropy = logits32.logsumexp(-1) - (logits32.softmax(-1) * logits32).sum(-1)
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
     return common.gather_logps(logits, batch["labels"]), entropy
 
 

@@ -2,7 +2,7 @@
 
     r(x, y) = w . h_last(x, y)          h_last: the backbone's hidden state at the last token of
                                         prompt + response (the EOS token)
-    L = -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2)     per pair, mean over the batch
+    L = mean over pairs of -logsig(r_w - r_l - margin) + center_coef * mean over the 2B rewards of r^2
 
 r_w, r_l are the rewards of the chosen and rejected responses. The centring term keeps rewards
 near 0 (so PPO's value model, which starts from this one, starts near its targets).
@@ -30,9 +30,10 @@ HEAD_FILE = "value_head.safetensors"
 
 
 def reward_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
-    """Per-pair losses: -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2)."""
+    """Per-pair losses -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2) / 2, whose mean over the
+    pairs is the seed's (align-anything) form: center_coef times the mean of r^2 over all 2B rewards."""
     return (-F.logsigmoid(chosen_rewards - rejected_rewards - margin)
-            + center_coef * (chosen_rewards ** 2 + rejected_rewards ** 2))
+            + center_coef * (chosen_rewards ** 2 + rejected_rewards ** 2) / 2)
 
 
 class RewardModel(torch.nn.Module):
@@ -88,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--margin", type=float, default=0.0,
                    help="reward gap m the chosen response must win by: the loss is -logsig(r_w - r_l - m)")
     p.add_argument("--center_coef", type=float, default=0.001,
-                   help="weight of r_w^2 + r_l^2, which keeps rewards near 0 (0: off)")
+                   help="weight of the mean r^2 over all rewards, which keeps rewards near 0 (0: off)")
     args = p.parse_args(argv)
     common.check_range(args, "center_coef", low=0)
     return args

@@ -1,8 +1,11 @@
-"""Shared fixtures: the tiny model and one toy SFT checkpoint, built once per test session."""
+"""Shared fixtures: the tiny model (also with a tokenizer that adds no BOS) and one toy SFT checkpoint,
+built once per test session."""
 import os
+import shutil
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,3 +35,30 @@ def chat_model(tmp_path_factory):
     from chat_model import build_chat_model
 
     return build_chat_model(str(tmp_path_factory.mktemp("qwen_style")))
+
+
+@pytest.fixture(scope="session")
+def no_bos_model(tiny_model, tmp_path_factory):
+    """The tiny model with a Qwen-style tokenizer: the same words, but no BOS token and no post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("no_bos")
+    backend = Tokenizer(models.WordLevel(AutoTokenizer.from_pretrained(tiny_model).get_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(out)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), out)
+    return str(out)
+
+
+def naive_completion_logps(model, tokenizer, prompt, completion):
+    """Per-token log-probs (1-D) of a plain-text completion and its EOS after a plain-text prompt, without the
+    project's tokenize, collate or log-prob code: the sequence alone, full logits, log_softmax, gather."""
+    prompt_ids = tokenizer(prompt).input_ids  # with BOS when the tokenizer adds one
+    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logps[len(prompt_ids) - 1:]  # the last prompt token predicts the first completion token

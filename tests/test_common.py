@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from conftest import naive_completion_logps
 from toy.task import TINY_MODEL_DIR
 
 
@@ -84,6 +85,47 @@ def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer
     sums, counts = common.sequence_logps(model, batch)
     assert counts.tolist() == [4, 2]
     torch.testing.assert_close(sums, ours.sum(-1))
+
+
+def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
+    """The toy tokenizer adds BOS: an empty prompt is [BOS], which predicts the first completion token, in a batch
+    mixed with a longer prompt (so the row is left-padded) and in a batch of empty prompts only."""
+    model = common.load_model(tiny_model, torch.device("cpu"))
+    rows = [{"prompt": "", "completion": "cat dog"},
+            {"prompt": "tell me about fruits and colors :", "completion": "apple"}]
+    examples = common.tokenize(rows, tokenizer, 64, ("completion",))
+    assert examples[0]["prompt"] == [tokenizer.bos_token_id]
+    alone = naive_completion_logps(model, tokenizer, "", "cat dog")  # [BOS] predicts cat, then dog, then EOS
+    assert len(alone) == 3
+    with torch.no_grad():
+        for batch_rows in (examples, examples[:1] * 2):
+            batch = common.collate_single(batch_rows, tokenizer.pad_token_id, torch.device("cpu"))
+            torch.testing.assert_close(common.token_logps(model, batch)[0], alone, atol=1e-5, rtol=0)
+
+
+def test_empty_prompt_without_bos_is_an_error_naming_the_line(no_bos_model):
+    """A Qwen-style tokenizer adds no BOS: an empty prompt has no token to predict the completion's first one."""
+    tokenizer = common.load_tokenizer(no_bos_model)
+    assert tokenizer.bos_token is None
+    rows = [{"prompt": "tell me :", "completion": "cat", "_where": "data.jsonl:1"},
+            {"prompt": " ", "completion": "cat", "_where": "data.jsonl:2"}]
+    (example,) = common.tokenize(rows[:1], tokenizer, 64, ("completion",))
+    assert example["prompt"] == tokenizer.convert_tokens_to_ids(["tell", "me", ":"])  # no BOS in front
+    with pytest.raises(common.UserError, match=r"^data.jsonl:2: the prompt is empty after tokenization"):
+        common.tokenize(rows, tokenizer, 64, ("completion",))
+
+
+def test_max_length_must_hold_one_prompt_token_and_every_whole_completion(tokenizer):
+    # completions with EOS: "cat" -> 2 tokens, "cat dog horse" -> 4; so max_length 5 fits every example, 4 does not
+    rows = [{"prompt": "tell me about animals :", "completion": "cat", "_where": "data.jsonl:1"},
+            {"prompt": "tell me :", "completion": "cat dog horse", "_where": "data.jsonl:2"}]
+    with pytest.raises(common.UserError, match=r"^data.jsonl:2: --max_length 4 cannot hold .* use --max_length 5 or"):
+        common.tokenize(rows, tokenizer, 4, ("completion",))
+    # at 5, the documented truncation rule applies: the prompt keeps max(5 - longest, 5 // 2) tokens, from the left
+    examples = common.tokenize(rows, tokenizer, 5, ("completion",))
+    assert examples[0]["prompt"] == tokenizer.convert_tokens_to_ids(["about", "animals", ":"])  # keeps 5 - 2 = 3
+    assert examples[1]["prompt"] == tokenizer.convert_tokens_to_ids(["me", ":"])  # keeps 5 // 2 = 2 of 4
+    assert [len(e["completion"]) for e in examples] == [2, 3]  # the second one cut to the 3 tokens left
 
 
 def test_conversational_format_uses_chat_template(tokenizer):

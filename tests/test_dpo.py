@@ -2,14 +2,18 @@
 import json
 import math
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import dpo
+from conftest import naive_completion_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,11 +55,28 @@ def test_label_smoothing_by_hand():
     assert losses.item() == pytest.approx(0.664397, abs=1e-6)
 
 
-def test_rdpo_margin_by_hand():
-    # R-DPO with alpha 0.01, |y_w| = 10, |y_l| = 5: margin = 0.01 * 5 = 0.05
-    # L = -logsig(0.1 - 0.05) = log(1 + e^-0.05) = log(1.951229) = 0.668460
-    losses, _, _ = dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1, margin=0.01 * (10 - 5))
-    assert losses.item() == pytest.approx(0.668460, abs=1e-6)
+def test_rdpo_loss_by_hand():
+    # R-DPO (Park et al. 2024, eq. 9) with alpha 0.01, |y_w| = 10, |y_l| = 5: alpha*(|y_w| - |y_l|) = +0.05
+    # z = beta*h + 0.05 = 0.1 + 0.05 = 0.15;  L = log(1 + e^-0.15) = log(1.860708) = 0.620957
+    # (the reversed sign, z = 0.1 - 0.05, would give log(1 + e^-0.05) = 0.668460)
+    losses, _, _ = dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1, rdpo_term=0.01 * (10 - 5))
+    assert losses.item() == pytest.approx(0.620957, abs=1e-6)
+
+
+def test_rdpo_in_the_script_discounts_the_longer_chosen_response(tiny_model, tmp_path):
+    # step 1, policy == reference: h = 0, so the loss is the mean over pairs of -logsig(alpha*(|y_w| - |y_l|)),
+    # |y| counting the response's words plus its EOS. alpha = 0.5:
+    #   pair 1: chosen "cat dog horse" (3 + 1), rejected "red" (1 + 1):              z = 0.5 * 2 = 1
+    #   pair 2: chosen "apple" (1 + 1), rejected "rain snow wind fog" (4 + 1):       z = 0.5 * -3 = -1.5
+    #   L = (log(1 + e^-1) + log(1 + e^1.5)) / 2 = (0.313262 + 1.701413) / 2 = 1.007337
+    # (the reversed sign gives (1.313262 + 0.201413) / 2 = 0.757337)
+    rows = [{"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
+            {"prompt": "tell me about fruits :", "chosen": "apple", "rejected": "rain snow wind fog"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+              "--batch_size", "2", "--log_every", "1", "--rdpo_alpha", "0.5"])
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(1.007337, abs=1e-6)
 
 
 def test_identical_chosen_and_rejected_give_a_finite_loss():
@@ -169,27 +190,50 @@ def test_precompute_ref_matches_the_live_reference(sft_model, live_run, tmp_path
     assert_same_run(live, str(tmp_path))
 
 
-def test_rpo_adds_the_chosen_token_mean_nll(sft_model, live_run):
-    # step 1: policy == reference, so the DPO term is log 2 and the loss is log 2 + 1.0 * NLL(chosen),
-    # the NLL a token mean over the chosen responses of step 1's batch, computed here independently
-    data, live = live_run
-    args = dpo.parse_args(["--data", data, "--batch_size", "8"])
-    tokenizer = common.load_tokenizer(sft_model)
-    examples = common.tokenize(common.read_jsonl(data, ["prompt", "chosen", "rejected"]), tokenizer, 512,
-                               ("chosen", "rejected"))
-    (first,) = common.micro_batches(examples, 0, args)
-    batch = common.collate_single([{"prompt": e["prompt"], "completion": e["chosen"]} for e in first],
-                                  tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        logps, n_tokens = common.sequence_logps(common.load_model(sft_model, torch.device("cpu")), batch)
-    expected = math.log(2) - logps.sum().item() / n_tokens.sum().item()
-    assert read_metrics(live)[0]["loss"] == pytest.approx(expected, abs=1e-5)
+def test_rpo_adds_the_chosen_token_mean_nll(sft_model, tmp_path):
+    # 8 pairs, batch 8: step 1 sees all of them, with policy == reference, so the DPO term is log 2 and the loss
+    # is log 2 + 1.0 * NLL(chosen), the NLL a token mean over the 8 chosen responses, each scored here alone
+    data = small_pairs(tmp_path, n=8)
+    metrics = run_dpo(sft_model, data, tmp_path / "out", "--max_steps", "1")
+    tokenizer, model = AutoTokenizer.from_pretrained(sft_model), AutoModelForCausalLM.from_pretrained(sft_model)
+    chosen = [naive_completion_logps(model, tokenizer, row["prompt"], row["chosen"])
+              for row in map(json.loads, open(data))]
+    assert len(chosen) == 8
+    nll = -sum(c.sum().item() for c in chosen) / sum(len(c) for c in chosen)
+    assert metrics[0]["loss"] == pytest.approx(math.log(2) + nll, abs=1e-5)
 
 
 def test_identical_pairs_train_without_nan(sft_model, tmp_path):
     metrics = run_dpo(sft_model, small_pairs(tmp_path, identical=True), tmp_path / "out", "--rpo_alpha", "0")
     assert all(m["loss"] == pytest.approx(math.log(2), abs=1e-6) for m in metrics)  # h = 0 for every pair
     assert all(m["grad_norm"] < 1e-6 for m in metrics)  # chosen and rejected gradients cancel (up to rounding)
+
+
+def model_with_dropout(tiny_model, path, kind):
+    """The toy tokenizer with a model whose dropout rate is 0.3: the tiny Llama with attention_dropout 0.3
+    (a float its attention reads in train mode), or a small GPT-2 (nn.Dropout on embeddings, attention, residuals)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    if kind == "llama":
+        shutil.copytree(tiny_model, path)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                   resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dropout_is_off_so_step_one_is_log2(tiny_model, tmp_path, kind):
+    # policy == reference at step 1, so h = 0 and L = -logsig(0) = log 2 = 0.693147 for every pair, unless dropout
+    # makes the policy's train-mode forward differ from the reference's
+    model = model_with_dropout(tiny_model, tmp_path / "model", kind)
+    metrics = run_dpo(model, small_pairs(tmp_path, n=8), tmp_path / "out", "--max_steps", "1", "--rpo_alpha", "0")
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_bad_flags_are_user_errors():
@@ -211,9 +255,9 @@ def test_torchrun_two_processes_match_one(sft_model, live_run, tmp_path):
     # 2 processes x batch 4 (FSDP2 on gloo), reference log-probs precomputed and swapped between ranks,
     # against 1 process x batch 8 with the live reference
     data, live = live_run
-    cmd = ["torchrun", "--nproc_per_node=2", "dpo.py", "--model", sft_model, "--data", data, "--output_dir",
-           str(tmp_path), "--max_steps", "3", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3",
-           "--rpo_alpha", "1.0", "--precompute_ref"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py",
+           "--model", sft_model, "--data", data, "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "4",
+           "--log_every", "1", "--lr", "1e-3", "--rpo_alpha", "1.0", "--precompute_ref"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

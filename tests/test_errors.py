@@ -57,6 +57,12 @@ CASES = {
     "rm_negative_center_coef": ("rm.py", None, ["--center_coef", "-1"], ["--center_coef must be >= 0, got -1.0"]),
     "dpo_beta_zero": ("dpo.py", None, ["--beta", "0"], ["--beta must be > 0, got 0.0"]),
     "ld_dpo_alpha_above_one": ("ld_dpo.py", None, ["--ld_alpha", "1.5"], ["--ld_alpha must be >= 0 and <= 1, got 1.5"]),
+    "empty_prompt_without_bos": ("sft.py", jsonl(GOOD, {"prompt": "", "completion": "drum"}),
+                                 ["--model", "NOBOS", "--batch_size", "1"],
+                                 ["data.jsonl:2: the prompt is empty after tokenization", "adds no BOS token"]),
+    "max_length_too_small": ("sft.py", jsonl(GOOD, GOOD), ["--max_length", "2", "--batch_size", "1"],  # 3 words + EOS
+                             ["data.jsonl:1: --max_length 2 cannot hold one prompt token and the whole completion",
+                              "use --max_length 5 or more"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
     # data shapes (issue 11; the other refusals are in test_data.py): one line naming the file and line
@@ -77,9 +83,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tiny_model):
+def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     """A backbone without its LM head (not a causal LM), a copy of the tiny model with pickle weights only,
-    and one whose chat template rewrites earlier turns."""
+    one whose chat template rewrites earlier turns, and the tiny model with a tokenizer that adds no BOS."""
     from test_data import REWRITING
     from transformers import AutoModel, AutoTokenizer
 
@@ -93,7 +99,7 @@ def model_dirs(tmp_path_factory, tiny_model):
     shutil.copytree(tiny_model, pickled)
     torch.save(load_file(os.path.join(pickled, "model.safetensors")), os.path.join(pickled, "pytorch_model.bin"))
     os.remove(os.path.join(pickled, "model.safetensors"))
-    return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting}
+    return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting, "NOBOS": no_bos_model}
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ def test_torchrun_matches_one_process(tiny_model, tmp_path):
     kto.main([*flags, "--batch_size", "8", "--output_dir", str(tmp_path / "one")])
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert len(two) == len(one) == 4
-    for a, b in zip(two, one):
+    for a, b in zip(two, one, strict=True):
         for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert one[-1]["kl"] > 0  # the comparison covers an unclamped z0

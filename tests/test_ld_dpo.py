@@ -64,6 +64,14 @@ def test_ld_dpo_loss_by_hand():
     assert losses.item() == pytest.approx(0.668460, abs=1e-6)
 
 
+def test_rdpo_term_is_added():
+    # R-DPO (Park et al. 2024, eq. 9): z = beta*h + alpha*(|y_w| - |y_l|), here h = 1, beta = 0.1 and
+    # alpha*(|y_w| - |y_l|) = 0.01 * (10 - 5) = 0.05: L = log(1 + e^-0.15) = log(1.860708) = 0.620957
+    losses, _, _ = ld_dpo.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                                   torch.tensor([-1.5]), beta=0.1, rdpo_term=0.01 * (10 - 5))
+    assert losses.item() == pytest.approx(0.620957, abs=1e-6)
+
+
 def test_identical_chosen_and_rejected_give_log2():
     chosen, rejected = ld_dpo.desensitized_logps(CHOSEN, CHOSEN != 0, CHOSEN, CHOSEN != 0, alpha=0.3)
     losses, _, _ = ld_dpo.dpo_loss(chosen, rejected, chosen + 1, rejected + 1)
@@ -93,7 +101,7 @@ def test_alpha_one_trains_exactly_like_dpo(sft_model, tmp_path):
                    "--log_every", "1", "--lr", "1e-3"]
     dpo.main([*common_args, "--output_dir", str(tmp_path / "dpo")])
     ld_dpo.main([*common_args, "--output_dir", str(tmp_path / "ld"), "--ld_alpha", "1.0"])
-    for a, b in zip(read_metrics(tmp_path / "dpo"), read_metrics(tmp_path / "ld")):
+    for a, b in zip(read_metrics(tmp_path / "dpo"), read_metrics(tmp_path / "ld"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
     wa, wb = load_file(tmp_path / "dpo" / "model.safetensors"), load_file(tmp_path / "ld" / "model.safetensors")

@@ -84,7 +84,7 @@ def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
     naive = (F.linear(hidden, weight, bias) / 2.0).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     naive_grads = torch.autograd.grad((naive * upstream).sum(), (hidden, weight, bias))
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
-    for got, want in zip(fast_grads, naive_grads):
+    for got, want in zip(fast_grads, naive_grads, strict=True):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
@@ -107,3 +107,20 @@ def test_model_that_transforms_its_logits_is_scored_plainly():
         torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
         # and not the head's own log-probs, which would ignore the doubling
         assert not torch.allclose(common.token_logps(model, batch), common.token_logps(plain, batch))
+
+
+def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32():
+    # the plain path (a model that changes its head's output) at T = 0.7 in bf16 must score as the head path
+    # does: bf16 logits, upcast, then / T. Dividing in bf16 first rounds the scaled logits (errors ~1e-3)
+    torch.manual_seed(0)
+    plain = tiny_llama()
+    model = ScaledLlama(plain.config)
+    model.load_state_dict(plain.state_dict())
+    model.to(torch.bfloat16)
+    batch = padded_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[:, -batch["labels"].shape[1] - 1:-1]
+        expected = (logits.float() / 0.7).log_softmax(-1).gather(-1, batch["labels"].clamp(min=0)[..., None])
+        expected = expected.squeeze(-1).masked_fill(batch["labels"] == -100, 0.0)
+        torch.testing.assert_close(common.token_logps(model, batch, 0.7), expected, rtol=0, atol=1e-6)

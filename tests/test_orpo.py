@@ -3,12 +3,15 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import orpo
+from conftest import naive_completion_logps
 
 PAIRS = [
     {"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
@@ -75,27 +78,30 @@ def test_beta_is_an_alias_of_lam():
 
 
 def test_loss_adds_the_chosen_nll(tiny_model, tmp_path):
-    """The logged step-1 loss is the mean odds-ratio term plus the chosen token-mean NLL, recomputed
-    here from the untrained model (one global batch holds all four pairs)."""
+    """The logged step-1 loss is the mean odds-ratio term plus the chosen token-mean NLL, recomputed here by hand
+    from the untrained model's log-probs, each sequence scored alone (one global batch holds all four pairs)."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     orpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", str(tmp_path / "out"),
                "--max_steps", "1", "--batch_size", "4", "--log_every", "1"])
-    tokenizer, model = common.load_policy(orpo.parse_args(["--model", tiny_model]), torch.device("cpu"))
-    examples = common.tokenize(PAIRS, tokenizer, 512, ("chosen", "rejected"))
-    batch = common.collate_pairs(examples, tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        tokens = common.token_logps(model, batch)
-    mask = batch["labels"] != -100
-    avg = tokens.sum(-1) / mask.sum(-1)
-    odds_losses, log_odds = orpo.orpo_loss(avg[:4], avg[4:], lam=0.1)
-    nll = -tokens[:4].sum() / mask[:4].sum()  # chosen tokens only: a token mean, not a mean of per-pair means
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    chosen = [naive_completion_logps(model, tokenizer, p["prompt"], p["chosen"]) for p in PAIRS]
+    rejected = [naive_completion_logps(model, tokenizer, p["prompt"], p["rejected"]) for p in PAIRS]
+
+    def log_odds(a):  # log(P / (1 - P)) with P = exp(avg_logp) = exp(a)
+        return a - math.log(1 - math.exp(a))
+
+    avg_chosen = [w.sum().item() / len(w) for w in chosen]
+    avg_rejected = [l.sum().item() / len(l) for l in rejected]
+    ratios = [log_odds(a_w) - log_odds(a_l) for a_w, a_l in zip(avg_chosen, avg_rejected, strict=True)]
+    odds_terms = [0.1 * math.log1p(math.exp(-r)) for r in ratios]  # -lam * logsig(ratio), lam = 0.1
+    nll = -sum(w.sum().item() for w in chosen) / sum(len(w) for w in chosen)  # a token mean over the chosen
     (logged,) = read_metrics(tmp_path / "out")
     assert close(logged["nll_loss"], nll, 1e-5)
-    assert close(logged["loss"], odds_losses.mean() + nll, 1e-5)
-    assert close(logged["log_odds_chosen"], log_odds.mean(), 1e-5)
-    assert close(logged["log_odds_ratio"], torch.nn.functional.logsigmoid(log_odds).mean(), 1e-5)
-    assert close(logged["rewards/chosen"], 0.1 * avg[:4].mean(), 1e-5)
+    assert close(logged["loss"], sum(odds_terms) / 4 + nll, 1e-5)
+    assert close(logged["log_odds_chosen"], sum(ratios) / 4, 1e-5)
+    assert close(logged["log_odds_ratio"], sum(-math.log1p(math.exp(-r)) for r in ratios) / 4, 1e-5)
+    assert close(logged["rewards/chosen"], 0.1 * sum(avg_chosen) / 4, 1e-5)
 
 
 def test_end_to_end_heldout_accuracy_rises(sft_model, tmp_path):
@@ -114,8 +120,8 @@ def test_torchrun_two_processes_match_one(sft_model, tmp_path):
         data.write_text("".join(list(f)[:48]))
     flags = ["--model", sft_model, "--data", str(data), "--max_steps", "3", "--log_every", "1", "--lr", "1e-3"]
     orpo.main([*flags, "--output_dir", str(tmp_path / "one"), "--batch_size", "8"])
-    cmd = ["torchrun", "--nproc_per_node=2", "orpo.py", *flags, "--output_dir", str(tmp_path / "two"),
-           "--batch_size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "orpo.py", *flags,
+           "--output_dir", str(tmp_path / "two"), "--batch_size", "4"]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

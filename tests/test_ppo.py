@@ -156,6 +156,28 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     torch.testing.assert_close(logps, old["old_logps"], atol=1e-6, rtol=0)
 
 
+def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
+    # bf16 at T = 0.7 (CUDA's default dtype, on CPU here): the update's first forward (policy_logps, train mode)
+    # must score the rollout's old_logps exactly, so that the first ratio exp(logp - old_logp) is 1
+    from transformers import AutoModel
+
+    args = ppo.parse_args(["--model", tiny_model, "--temperature", "0.7", "--max_new_tokens", "12", "--dtype",
+                           "bfloat16"])
+    tokenizer, policy = common.load_policy(args, CPU)
+    assert policy.dtype == torch.bfloat16
+    ppo.set_sampling(policy, args, tokenizer)
+    value_model = rm.RewardModel(common.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
+    rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
+    torch.manual_seed(0)
+    batch, _, old = ppo.rollout(policy, policy, value_model, value_model, common.tokenize(rows, tokenizer, 64, ()),
+                                tokenizer, args, CPU)
+    assert policy.training  # rollout hands the policy back in train mode, as the update uses it
+    logps, _ = ppo.policy_logps(policy, batch, args.temperature)
+    mask = batch["labels"] != -100
+    assert mask.sum() > 6 and logps.dtype == old["old_logps"].dtype == torch.float32
+    torch.testing.assert_close(logps[mask], old["old_logps"][mask], atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -184,7 +206,7 @@ def test_ppo_raises_the_reward_model_score(sft_model, reward_model, tmp_path):
 
 def test_ppo_under_torchrun_does_not_deadlock(sft_model, reward_model, tmp_path):
     out = str(tmp_path / "ppo2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "ppo.py"), "--model", sft_model, "--reward_model", reward_model, "--output_dir", out,
            "--max_steps", "2", "--batch_size", "8", "--num_mini_batches", "1", "--ppo_epochs", "1",
            "--warmup_ratio", "0",

@@ -79,7 +79,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common_flags,
            "--output_dir", two, "--batch_size", "4"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
-    for a, b in zip(rows(one), rows(two)):
+    for a, b in zip(rows(one), rows(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
     assert w1.keys() == w2.keys()
@@ -87,3 +87,30 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_model):
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
     assert not torch.equal(w1["model.layers.0.mlp.up_proj.weight"],
                            load_file(os.path.join(tiny_model, "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_tied_embeddings_are_saved_once_under_torchrun(tmp_path, tiny_model):
+    """A model with tie_word_embeddings: 2 processes (FSDP2) save the tensors one process saves, no second
+    copy of the embedding as lm_head.weight, and the directory reloads with lm_head tied to the embedding."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = str(tmp_path / "tied")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model_dir)
+    flags = ["--model", model_dir, "--data", copy_toy_data(tmp_path), "--max_steps", "2", "--log_every", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    sft.main(flags + ["--output_dir", one, "--batch_size", "8"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *flags,
+           "--output_dir", two, "--batch_size", "4"]
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, timeout=300,
+                   capture_output=True)
+    w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    assert "lm_head.weight" not in w1 and sorted(w1) == sorted(w2)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(two)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, w2["model.embed_tokens.weight"])

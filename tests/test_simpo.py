@@ -3,13 +3,16 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
 import simpo
+from conftest import naive_completion_logps
 
 PAIRS = [
     {"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
@@ -78,30 +81,28 @@ def test_cpo_defaults_and_flag_checks():
 
 @pytest.mark.parametrize("flags", [["--cpo_alpha", "0.5"], ["--loss", "cpo"]])
 def test_nll_mix(tiny_model, tmp_path, flags):
-    """The logged step-1 loss is the mean pair loss plus cpo_alpha times the chosen token-mean NLL,
-    recomputed here from the untrained model (one global batch holds all four pairs)."""
+    """The logged step-1 loss is the mean pair loss plus cpo_alpha times the chosen token-mean NLL, recomputed
+    here by hand from the untrained model's log-probs, each sequence scored alone (one global batch holds all
+    four pairs)."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     simpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", str(tmp_path / "out"),
                 "--max_steps", "1", "--batch_size", "4", "--log_every", "1", *flags])
-    args = simpo.parse_args(["--model", tiny_model, *flags])
-    tokenizer, model = common.load_policy(args, torch.device("cpu"))
-    examples = common.tokenize(PAIRS, tokenizer, 512, ("chosen", "rejected"))
-    batch = common.collate_pairs(examples, tokenizer.pad_token_id, torch.device("cpu"))
-    with torch.no_grad():
-        tokens = common.token_logps(model, batch)
-    mask = batch["labels"] != -100
-    sums, lengths = tokens.sum(-1), mask.sum(-1)
-    if args.loss == "cpo":  # the CPO defaults: beta 0.1, cpo_alpha 1.0
-        pair_losses, _, _ = simpo.cpo_loss(sums[:4], sums[4:], beta=0.1)
-        alpha = 1.0
-    else:
-        pair_losses, _, _ = simpo.simpo_loss(sums[:4], sums[4:], lengths[:4], lengths[4:], beta=2.0, gamma=1.0)
-        alpha = 0.5
-    nll = -tokens[:4].sum() / mask[:4].sum()  # chosen tokens only: a token mean, not a mean of per-pair means
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+    chosen = [naive_completion_logps(model, tokenizer, p["prompt"], p["chosen"]) for p in PAIRS]
+    rejected = [naive_completion_logps(model, tokenizer, p["prompt"], p["rejected"]) for p in PAIRS]
+    pair_losses = []
+    for w, l in zip(chosen, rejected, strict=True):
+        if flags == ["--loss", "cpo"]:  # the CPO defaults beta 0.1, cpo_alpha 1: z = beta*logp_w - beta*logp_l
+            z = 0.1 * w.sum().item() - 0.1 * l.sum().item()
+        else:  # SimPO, beta 2, gamma 1: z = beta*avg_logp_w - beta*avg_logp_l - gamma
+            z = 2.0 * w.sum().item() / len(w) - 2.0 * l.sum().item() / len(l) - 1.0
+        pair_losses.append(math.log1p(math.exp(-z)))  # -logsig(z)
+    alpha = 1.0 if flags == ["--loss", "cpo"] else 0.5
+    nll = -sum(w.sum().item() for w in chosen) / sum(len(w) for w in chosen)  # a token mean over the chosen
     (logged,) = read_metrics(tmp_path / "out")
     assert close(logged["nll_loss"], nll, 1e-5)
-    assert close(logged["loss"], pair_losses.mean() + alpha * nll, 1e-5)
+    assert close(logged["loss"], sum(pair_losses) / 4 + alpha * nll, 1e-5)
 
 
 @pytest.mark.parametrize("flags", [[], ["--loss", "cpo"]])
@@ -122,8 +123,8 @@ def test_torchrun_two_processes_match_one(sft_model, tmp_path):
     flags = ["--model", sft_model, "--data", str(data), "--max_steps", "3", "--log_every", "1", "--lr", "1e-3",
              "--cpo_alpha", "1.0"]
     simpo.main([*flags, "--output_dir", str(tmp_path / "one"), "--batch_size", "8"])
-    cmd = ["torchrun", "--nproc_per_node=2", "simpo.py", *flags, "--output_dir", str(tmp_path / "two"),
-           "--batch_size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "simpo.py", *flags,
+           "--output_dir", str(tmp_path / "two"), "--batch_size", "4"]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
