@@ -200,5 +200,55 @@ def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path, monkey
         assert (w1["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 5e-3
 
 
+# ---------------------------------------------------------------- end to end, resume
+
+def test_gold_score_rises(sft_model, tmp_path):
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", sft_model, "--output_dir", out, "--max_steps", "10", "--log_every", "1",
+               "--num_sample_generations", "0"])
+    rows = read_metrics(out)
+    train, evals = [r for r in rows if "reward" in r], [r for r in rows if "eval/gold_score" in r]
+    assert [r["step"] for r in train] == list(range(1, 11)) and [r["step"] for r in evals] == [0, 10]
+    expected = {"reward", "reward_std", "rewards/gold_reward", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "loss", "lr",
+                "grad_norm", "tokens/s"}
+    assert set(train[0]) == expected | {"step"}  # no kl with beta 0
+    assert all(math.isfinite(v) for r in train for v in r.values())
+    assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.08, evals  # about +0.14 measured
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f).get("top_k") != 0  # the checkpoint's own sampling defaults, not GRPO's
+
+
+def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
+    from test_reliability import rows, same_weights, sigterm_during_step
+    from transformers import AutoModel
+
+    import rm
+
+    reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
+    torch.manual_seed(0)
+    rm.save_reward_model(rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel)),
+                         common.load_tokenizer(tiny_model), reward_model)
+    data = tmp_path / "prompts.jsonl"
+    with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:32]))
+    flags = FLAGS + ["--model", tiny_model, "--data", str(data), "--max_steps", "6", "--batch_size", "2",
+                     "--reward_model", reward_model, "--reward_weights", "1.0", "0.5"]
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "out")
+    grpo.main(flags + ["--output_dir", straight])
+    sigterm_during_step(monkeypatch, 5)  # 2 optimizer steps a rollout: stops after rollout 3
+    with pytest.raises(SystemExit) as stopped:
+        grpo.main(flags + ["--output_dir", out])
+    assert stopped.value.code == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]
+    monkeypatch.undo()
+    grpo.main(flags + ["--output_dir", out, "--resume"])
+    assert same_weights(straight, out)
+    assert rows(out) == rows(straight)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    last = rows(out)[-1]
+    assert last["reward"] == pytest.approx(last["rewards/gold_reward"] + 0.5 * last["rewards/reward_model"], abs=1e-5)
+
+
 if __name__ == "__main__":  # under torchrun, from the test above
     run_each_loss_type(sys.argv[2:], sys.argv[1])
