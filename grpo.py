@@ -154,16 +154,15 @@ def policy_logps(policy, batch, temperature):
     return common.gather_logps(logits, batch["labels"]), entropy
 
 
-def generate(policy, prompts, tokenizer, args):
-    """Sampled completions (lists of ids, each cut after its first EOS), in chunks of
-    --local_rollout_forward_batch_size prompts."""
+def generate(policy, prompts, tokenizer, args, device):
+    """Sample a response per prompt, cut after its first EOS, in chunks of --local_rollout_forward_batch_size."""
+    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     completions = []
-    for i in range(0, len(prompts), args.local_rollout_forward_batch_size):
-        query = common.collate_prompts(prompts[i:i + args.local_rollout_forward_batch_size], tokenizer.pad_token_id,
-                                       next(policy.parameters()).device)
+    for i in range(0, len(prompts), size):
+        query = common.collate_prompts(prompts[i:i + size], pad_id, device)
         out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
                               synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-        completions += completions_from(out[:, query["input_ids"].shape[1]:], tokenizer.eos_token_id)
+        completions += completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
     return completions
 
 
@@ -175,7 +174,7 @@ def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, dev
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     policy.eval()
-    completions = generate(policy, expanded, tokenizer, args)
+    completions = generate(policy, expanded, tokenizer, args, device)
     batch = common.collate([p["prompt"] for p in expanded], completions, pad_id, device)
     has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -187,9 +186,9 @@ def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, dev
     for i in range(0, len(expanded), size):
         chunk = {k: v[i:i + size] for k, v in batch.items()}
         if args.num_iterations > 1:
-            parts["old_logps"].append(policy_logps(policy, chunk, args.temperature)[0])
+            parts["old_logps"].append(common.token_logps(policy, chunk, args.temperature))
         if args.beta > 0:
-            parts["ref_logps"].append(policy_logps(ref, chunk, args.temperature)[0])
+            parts["ref_logps"].append(common.token_logps(ref, chunk, args.temperature))
         if reward_model is not None:
             parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
     policy.train()
@@ -267,8 +266,8 @@ def main(argv=None):
     common.check_args(args)
     device = common.setup(args)
 
-    tokenizer, policy = common.load_policy(args, device)
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    tokenizer, policy = common.load_policy(args, device)
     ref = reward_model = None
     if args.beta > 0:
         ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,

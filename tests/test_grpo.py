@@ -108,7 +108,13 @@ def test_kl_is_k3_and_zero_when_policy_is_reference():
     assert loss.item() == pytest.approx(plain.item() + 0.04 * 0.193147 / 2, abs=1e-6)
 
 
-# ---------------------------------------------------------------- reward functions
+# ---------------------------------------------------------------- sampling and rewards
+
+def test_masks_come_from_the_first_eos_not_from_pad():
+    eos = pad = 2
+    generated = torch.tensor([[5, eos, pad, pad], [eos, pad, pad, pad], [5, 6, 7, 8]])  # the last one is cut off
+    assert grpo.completions_from(generated, eos) == [[5, eos], [eos], [5, 6, 7, 8]]
+
 
 def test_toy_reward_function_takes_strings_and_messages():
     prompts = ["tell me about animals :", [{"role": "user", "content": "tell me about fruits and tools :"}]]
@@ -141,7 +147,7 @@ def fixed_generate():
     step only, so every split of a global batch over micro-batches and ranks gets the same ones."""
     words, calls = [w for ws in TOPIC_WORDS.values() for w in ws], []
 
-    def generate(policy, prompts, tokenizer, args):
+    def generate(policy, prompts, tokenizer, args, device):
         calls.append(1)
         out = []
         for i, p in enumerate(prompts):
