@@ -56,6 +56,10 @@ CASES = {
     "rm_negative_center_coef": ("rm.py", None, ["--center_coef", "-1"], ["--center_coef must be >= 0, got -1.0"]),
     "dpo_beta_zero": ("dpo.py", None, ["--beta", "0"], ["--beta must be > 0, got 0.0"]),
     "ld_dpo_alpha_above_one": ("ld_dpo.py", None, ["--ld_alpha", "1.5"], ["--ld_alpha must be >= 0 and <= 1, got 1.5"]),
+    "grpo_no_reward": ("grpo.py", jsonl({"prompt": "tell me about music :"}), [],
+                       ["data.jsonl: no reward given; pass --reward_fn path/to/file.py:function or --reward_model"]),
+    "grpo_reward_fn_absent": ("grpo.py", None, ["--model", TINY_MODEL_DIR, "--reward_fn", "toy/rewards.py:nope"],
+                              ["--reward_fn toy/rewards.py:nope: toy/rewards.py has no function 'nope'"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
 }
