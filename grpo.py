@@ -66,10 +66,15 @@ def group_advantages(rewards, num_generations, scale_rewards):
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
               n_sequences, n_tokens, max_new_tokens):
-    """This micro-batch's share of the loss over the global batch (step 3 of the docstring).
-
+    """This micro-batch's part of the loss of the global batch:
+        ratio_t = exp(logp_t - old_logp_t)
+        L_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+        KL_t = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1          (k3: pi_ref/pi - log(pi_ref/pi) - 1)
+        grpo:    sum over sequences of (token mean of L_t) / n_sequences
+        dr_grpo: token sum of L_t / (n_sequences * max_new_tokens)
+        dapo:    token sum of L_t / n_tokens
     logps, old_logps, ref_logps (None when beta = 0), mask: (B, C); advantages: (B,). n_sequences, n_tokens:
-    the counts of the global batch, so that the micro-batches and ranks add up to its loss. Also returns,
+    the counts of the global batch, so that its micro-batches and ranks add up to its loss. Also returns,
     per token (B, C): KL_t and whether the low or the high clip is active (ratio < 1 - eps_low with A < 0,
     ratio > 1 + eps_high with A > 0: the token has no gradient)."""
     ratio = torch.exp(logps - old_logps)
