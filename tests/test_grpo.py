@@ -167,16 +167,21 @@ FLAGS = ["--max_steps", "2", "--num_generations", "4", "--max_new_tokens", "8", 
 
 
 def run_each_loss_type(flags, out):
-    for loss_type, scale in LOSS_TYPES.items():
-        grpo.generate = fixed_generate()
-        grpo.main(flags + ["--loss_type", loss_type, "--scale_rewards", scale, "--output_dir", f"{out}/{loss_type}"])
+    sample = grpo.generate
+    try:
+        for loss_type, scale in LOSS_TYPES.items():
+            grpo.generate = fixed_generate()
+            grpo.main(flags + ["--loss_type", loss_type, "--scale_rewards", scale,
+                               "--output_dir", f"{out}/{loss_type}"])
+    finally:
+        grpo.generate = sample
 
 
 def read_metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path, monkeypatch):
+def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
     data = tmp_path / "prompts.jsonl"  # outside toy/data: no toy eval
     with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
         data.write_text("".join(f.readlines()[:64]))
@@ -185,10 +190,11 @@ def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path, monkey
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(tmp_path / "two"), *flags, "--batch_size", "2", "--grad_accum", "2"]
     two = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    monkeypatch.setattr(grpo, "generate", grpo.generate)  # restored after the test
     run_each_loss_type(flags + ["--batch_size", "8"], str(tmp_path / "one"))
     run_each_loss_type(flags + ["--batch_size", "4", "--grad_accum", "2"], str(tmp_path / "accum"))
     assert two.wait(timeout=300) == 0, two.stdout.read()[-3000:]
+    sampled = read_metrics(str(tmp_path / "two" / "sampled"))
+    assert [r["step"] for r in sampled] == [1, 2] and all(math.isfinite(v) for r in sampled for v in r.values())
     start = load_file(os.path.join(tiny_model, "model.safetensors"))
     for loss_type in LOSS_TYPES:
         one, accum, two = (str(tmp_path / run / loss_type) for run in ("one", "accum", "two"))
@@ -256,5 +262,6 @@ def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
     assert last["reward"] == pytest.approx(last["rewards/gold_reward"] + 0.5 * last["rewards/reward_model"], abs=1e-5)
 
 
-if __name__ == "__main__":  # under torchrun, from the test above
+if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
     run_each_loss_type(sys.argv[2:], sys.argv[1])
+    grpo.main(sys.argv[2:] + ["--output_dir", f"{sys.argv[1]}/sampled"])  # real sampling, ranks stop at other lengths
