@@ -802,7 +802,7 @@ class Logger:
     """metrics.jsonl (one row per step: metrics logged for the same step are merged), a progress bar, a
     tokens/s counter and the end-of-run summary; writes on rank 0 only, creating output_dir then.
     A run resumed after step `start` keeps the file's rows up to `start` and appends to them."""
-    HEADLINE = ("loss", "objective/scores")  # with every eval/ metric, shown before -> after in the summary
+    HEADLINE = ("loss", "objective/scores", "reward")  # with every eval/ metric, shown before -> after in the summary
 
     def __init__(self, args, start=0):
         self.args, self.path, self.start = args, os.path.join(args.output_dir, "metrics.jsonl"), start

@@ -30,6 +30,9 @@ RUNS = [
     ("CPO", "simpo.py", ["--loss", "cpo"]),
     ("ORPO", "orpo.py", []),
     ("KTO", "kto.py", []),
+    ("GRPO (dapo loss, default)", "grpo.py", []),
+    ("GRPO (grpo loss)", "grpo.py", ["--loss_type", "grpo"]),
+    ("GRPO (dr_grpo loss)", "grpo.py", ["--loss_type", "dr_grpo"]),
 ]
 HELD_OUT = ["eval/rewards/accuracies", "eval/rewards/margins"]  # pairwise scripts, KTO
 

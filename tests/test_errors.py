@@ -63,6 +63,10 @@ CASES = {
     "max_length_too_small": ("sft.py", jsonl(GOOD, GOOD), ["--max_length", "2", "--batch_size", "1"],  # 3 words + EOS
                              ["data.jsonl:1: --max_length 2 cannot hold one prompt token and the whole completion",
                               "use --max_length 5 or more"]),
+    "grpo_no_reward": ("grpo.py", jsonl({"prompt": "tell me about music :"}), [],
+                       ["data.jsonl: no reward given; pass --reward_fn path/to/file.py:function or --reward_model"]),
+    "grpo_reward_fn_absent": ("grpo.py", None, ["--model", TINY_MODEL_DIR, "--reward_fn", "toy/rewards.py:nope"],
+                              ["--reward_fn toy/rewards.py:nope: toy/rewards.py has no function 'nope'"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
     # data shapes (issue 11; the other refusals are in test_data.py): one line naming the file and line

@@ -1,0 +1,369 @@
+"""GRPO: RL with verifiable rewards, a group of samples per prompt as the baseline (no value model).
+
+Models: the policy pi (from --model, trained), and with --beta > 0 the reference pi_ref (a frozen
+copy of --model). Rewards come from Python functions (--reward_fn) and/or a reward model from
+rm.py (--reward_model). One step:
+
+1. Rollout, no grad: sample G = --num_generations responses o_1..o_G ~ pi_old(.|q) for each prompt
+   q at temperature T (top_k=0, top_p=1), cut after the first EOS; score each, R_i = sum_k w_k R_k(q, o_i).
+2. Advantage of o_i, the same for each of its tokens (--scale_rewards):
+       group:  A_i = (R_i - mean_group(R)) / (std_group(R) + 1e-4)      std with Bessel's correction
+       batch:  the same with the std over the whole batch
+       none:   A_i = R_i - mean_group(R)                                 (Dr. GRPO)
+3. --num_iterations optimizer steps on the rollout (with 1, pi_old is pi_theta detached: ratio 1 in value):
+       ratio_t = pi_theta(o_t|q, o_<t) / pi_old(o_t|q, o_<t)          (log-probs of logits / T, float32)
+       L_t  = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
+       KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1               (k3, in the loss, not the reward)
+   aggregated over the global batch (all micro-batches and ranks) by --loss_type:
+       grpo:    mean over sequences of (token mean within the sequence)    (DeepSeekMath)
+       dr_grpo: token sum / (number of sequences * --max_new_tokens)    (Dr. GRPO)
+       dapo:    token sum / number of response tokens                    (DAPO; TRL's default)
+
+Sizes per device: a micro-batch is --batch_size prompts, so --batch_size * G sampled responses; a
+rollout is --grad_accum micro-batches. The G responses of a prompt stay on one rank, so the group
+statistics need no collective. --max_steps counts rollouts.
+
+The defaults (--lr 1e-3, --batch_size 8, --max_steps 100) are tuned for the toy task: from out/sft,
+`python grpo.py` raises the toy gold score 0.50 -> 0.91 in about a minute on one CPU core. For real
+models set e.g. --lr 1e-6. The reward on the toy data is the gold score (toy/rewards.py:gold_reward).
+
+    python sft.py && python grpo.py                          # the toy task on CPU: out/sft -> out/grpo
+    torchrun --nproc_per_node=8 grpo.py --model my/sft --data math.jsonl --reward_fn verify.py:accuracy --lr 1e-6
+    python grpo.py --loss_type dr_grpo --scale_rewards none  # Dr. GRPO;  --epsilon_high 0.28: DAPO's clip-higher
+"""
+import argparse
+import importlib.util
+import math
+import os
+
+import torch
+
+import common
+import rm
+from toy.eval import evaluate, is_toy
+from toy.task import HERE as TOY_DIR
+
+TOY_REWARD_FN = os.path.join(TOY_DIR, "rewards.py") + ":gold_reward"
+
+
+def group_advantages(rewards, num_generations, scale_rewards):
+    """A_i (N,) for rewards (N,) laid out as N / G groups of G consecutive responses:
+        group: (R_i - mean_group R) / (std_group R + 1e-4);  batch: the std over every rank's rewards;
+        none:  R_i - mean_group R.
+    std with Bessel's correction. Also returns each group's std (N / G,): a group whose rewards are all
+    equal has A = 0 and teaches nothing."""
+    groups = rewards.view(-1, num_generations)
+    advantages = (groups - groups.mean(-1, keepdim=True)).flatten()
+    group_std = groups.std(-1)
+    if scale_rewards == "group":
+        advantages = advantages / (group_std.repeat_interleave(num_generations) + 1e-4)
+    elif scale_rewards == "batch":
+        n, total, squares = common.all_sum([len(rewards), float(rewards.sum()), float((rewards ** 2).sum())],
+                                           rewards.device)
+        batch_std = (max(squares - total ** 2 / n, 0.0) / (n - 1)) ** 0.5
+        advantages = advantages / (batch_std + 1e-4)
+    return advantages, group_std
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
+              n_sequences, n_tokens, max_new_tokens):
+    """This micro-batch's part of the loss of the global batch:
+        ratio_t = exp(logp_t - old_logp_t)
+        L_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+        KL_t = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1          (k3: pi_ref/pi - log(pi_ref/pi) - 1)
+        grpo:    sum over sequences of (token mean of L_t) / n_sequences
+        dr_grpo: token sum of L_t / (n_sequences * max_new_tokens)
+        dapo:    token sum of L_t / n_tokens
+    logps, old_logps, ref_logps (None when beta = 0), mask: (B, C); advantages: (B,). n_sequences, n_tokens:
+    the counts of the global batch, so that its micro-batches and ranks add up to its loss. Also returns,
+    per token (B, C): KL_t and whether the low or the high clip is active (ratio < 1 - eps_low with A < 0,
+    ratio > 1 + eps_high with A > 0: the token has no gradient)."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a)
+    kl = torch.zeros_like(logps)
+    if beta > 0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_sequences
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (n_sequences * max_new_tokens)
+    else:
+        loss = per_token.sum() / n_tokens
+    low, high = (ratio < 1 - epsilon_low) & (a < 0), (ratio > 1 + epsilon_high) & (a > 0)
+    return loss, kl.detach(), low.float(), high.float()
+
+
+def completions_from(responses, eos_id):
+    """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
+    rows = responses.tolist()
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def set_sampling(policy, args, tokenizer):
+    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores.
+    The whole generation_config is replaced: a checkpoint's own defaults (top_k=50, a repetition
+    penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
+    from transformers import GenerationConfig
+
+    original = policy.generation_config
+    policy.generation_config = GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return original
+
+
+def load_reward_fn(spec):
+    """`path/to/file.py:function` -> the function; its name labels its `rewards/<name>` metric."""
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name:
+        raise common.UserError(f"--reward_fn {spec}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise common.UserError(f"--reward_fn {spec}: no such file {path}")
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(f"reward_{name}", path))
+    try:
+        module.__loader__.exec_module(module)
+    except Exception as e:
+        raise common.UserError(f"--reward_fn {spec}: importing {path} raised {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, name, None)):
+        raise common.UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
+    return name, getattr(module, name)
+
+
+def call_reward_fn(name, fn, prompts, completions, columns):
+    """fn(prompts, completions, **columns) as a list of floats; anything else is a UserError naming fn."""
+    try:
+        out = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as e:
+        raise common.UserError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    if not isinstance(out, (list, tuple)) or len(out) != len(completions):
+        got = f"{len(out)} values" if isinstance(out, (list, tuple)) else type(out).__name__
+        raise common.UserError(f"reward function {name} returned {got} for {len(completions)} completions; "
+                               "it must return one float per completion")
+    bad = [r for r in out if not isinstance(r, (int, float)) or not math.isfinite(r)]
+    if bad:
+        raise common.UserError(f"reward function {name} returned {bad[0]!r}; rewards must be finite numbers")
+    return [float(r) for r in out]
+
+
+def policy_logps(policy, batch, temperature):
+    """Log-probs of logits / T taken in float32, as common.token_logps does, plus the entropy of pi(.|state)
+    at each response position (no grad)."""
+    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature
+    with torch.no_grad():
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    return common.gather_logps(logits, batch["labels"]), entropy
+
+
+def generate(policy, prompts, tokenizer, args, device):
+    """Sample a response per prompt, cut after its first EOS, in chunks of --local_rollout_forward_batch_size."""
+    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
+    completions = []
+    for i in range(0, len(prompts), size):
+        query = common.collate_prompts(prompts[i:i + size], pad_id, device)
+        out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
+                              synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
+        completions += completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
+    return completions
+
+
+@torch.no_grad()
+def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, device):
+    """Sample G responses per prompt, then score them. Returns the scoring batch (common.collate layout,
+    the G responses of a prompt in consecutive rows), has_eos (N,), rewards (N, sources) and, when
+    needed, old_logps and ref_logps (N, C)."""
+    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
+    expanded = [p for p in prompts for _ in range(args.num_generations)]
+    policy.eval()
+    completions = generate(policy, expanded, tokenizer, args, device)
+    batch = common.collate([p["prompt"] for p in expanded], completions, pad_id, device)
+    has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    rows = [p["row"] for p in expanded]
+    texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
+    rewards = [call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, columns) for name, fn in reward_fns]
+    parts = {"old_logps": [], "ref_logps": [], "scores": []}
+    for i in range(0, len(expanded), size):
+        chunk = {k: v[i:i + size] for k, v in batch.items()}
+        if args.num_iterations > 1:
+            parts["old_logps"].append(common.token_logps(policy, chunk, args.temperature))
+        if args.beta > 0:
+            parts["ref_logps"].append(common.token_logps(ref, chunk, args.temperature))
+        if reward_model is not None:
+            parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
+    policy.train()
+    rewards = torch.tensor(rewards, device=device).reshape(len(reward_fns), len(expanded)).T
+    if reward_model is not None:
+        rewards = torch.cat([rewards, torch.cat(parts.pop("scores"))[:, None].float()], 1)
+    return batch, has_eos, rewards, {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def heldout_rewards(policy, ref, reward_model, reward_fns, weights, chunks, tokenizer, args, device):
+    """`eval/reward`: the mean weighted reward of G responses per held-out prompt, sampled as in rollout
+    (seeded: the same draws at every evaluation, training RNG untouched)."""
+    total = n = 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + common.rank())
+        for chunk in chunks:
+            rewards = rollout(policy, ref, reward_model, reward_fns, chunk, tokenizer, args, device)[2] @ weights
+            total, n = total + float(rewards.sum()), n + len(rewards)
+    total, n = common.all_sum([total, n], device)
+    return {"eval/reward": total / n}
+
+
+def grpo_update(policy, optimizer, scheduler, batch, old, advantages, args, device, logger):
+    """--num_iterations optimizer steps, each over every micro-batch of the rollout (--batch_size * G rows).
+    Returns the means over the steps of the loss, grad norm, KL, low and high clip ratios and entropy."""
+    mask = (batch["labels"] != -100).float()
+    n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)
+    sums, grad_norm = torch.zeros(5, device=device), 0.0
+    for _ in range(args.num_iterations):
+        for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
+            mb, m = {k: v[rows] for k, v in batch.items()}, mask[rows]
+            logps, entropy = policy_logps(policy, mb, args.temperature)
+            old_logps = old["old_logps"][rows] if args.num_iterations > 1 else logps.detach()
+            loss, kl, low, high = grpo_loss(
+                logps, old_logps, old["ref_logps"][rows] if args.beta > 0 else None, advantages[rows], m,
+                args.loss_type, args.epsilon, args.epsilon_high, args.beta, n_sequences, n_tokens, args.max_new_tokens)
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            sums += torch.stack([loss.detach()] + [(x * m).sum() / n_tokens for x in (kl, low, high, entropy)])
+            logger.count(mb)
+        grad_norm += float(common.clip_and_step(policy, optimizer, scheduler, args.max_grad_norm))
+    loss, kl, low, high, entropy = (s / args.num_iterations for s in common.all_sum(sums.tolist(), device))
+    return loss, grad_norm / args.num_iterations, kl, low, high, entropy
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"), model=common.SFT_MODEL_DIR,
+                           lr=1e-3, max_steps=100, batch_size=8, output_dir="out/grpo", real_lr="1e-6")
+    p.add_argument("--reward_fn", action="append", default=[],
+                   help="path/to/file.py:function, repeatable (default on the toy data: toy/rewards.py:gold_reward)")
+    p.add_argument("--reward_model", default=None, help="an rm.py output directory, as another reward")
+    p.add_argument("--reward_weights", type=float, nargs="+", default=None,
+                   help="one weight per --reward_fn, then the --reward_model (default: all 1)")
+    p.add_argument("--num_generations", type=int, default=8, help="G, responses sampled per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
+    p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model; DeepSeekMath: 0.04)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="eps_low, the clip below 1")
+    p.add_argument("--epsilon_high", type=float, default=None, help="eps_high (default: --epsilon; DAPO: 0.28)")
+    p.add_argument("--loss_type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
+    p.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"])
+    p.add_argument("--num_iterations", type=int, default=1, help="mu, optimizer steps per rollout")
+    p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
+    p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
+    args = p.parse_args(argv)
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    for name in ("max_new_tokens", "num_iterations", "local_rollout_forward_batch_size", "temperature", "epsilon",
+                 "epsilon_high"):
+        common.check_range(args, name, above=0)
+    common.check_range(args, "num_generations", low=2)
+    common.check_range(args, "beta", low=0)
+    if args.max_new_tokens >= args.max_length:
+        raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in "
+                               f"--max_length {args.max_length}")
+    if not args.reward_fn and args.reward_model is None:
+        if not is_toy(args):
+            raise common.UserError(f"{args.data}: no reward given; pass --reward_fn path/to/file.py:function "
+                                   "or --reward_model")
+        args.reward_fn = [TOY_REWARD_FN]
+    n_rewards = len(args.reward_fn) + (args.reward_model is not None)
+    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
+        raise common.UserError(f"--reward_weights has {len(args.reward_weights)} values for {n_rewards} rewards")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.check_args(args)
+    device = common.setup(args)
+
+    reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    tokenizer, policy = common.load_policy(args, device)
+    ref = reward_model = None
+    if args.beta > 0:
+        ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+                                              allow_pickle=args.allow_pickle))
+    if args.reward_model is not None:
+        reward_model = common.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
+                                                          args.allow_pickle))
+        if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model "
+                                   f"{args.model}; train the reward model from the same base")
+    names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
+    weights = torch.tensor(args.reward_weights or [1.0] * len(names), device=device)
+    generation_config = set_sampling(policy, args, tokenizer)
+    policy, ref, reward_model = (m if m is None else common.shard_model(m, device) for m in (policy, ref, reward_model))
+    # the schedule runs over every optimizer step: num_iterations per rollout
+    schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.num_iterations})
+    optimizer, scheduler = common.make_optimizer(policy, schedule)
+
+    def load(path):  # reward functions get each prompt's data row
+        rows = common.read_data(path, ())
+        return [{**ex, "row": row} for ex, row in zip(
+            common.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ()), rows)]
+
+    prompts = load(args.data)
+    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
+    toy = is_toy(args)
+
+    torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
+    state = common.TrainState(args, tokenizer, prompts, policy, optimizer, scheduler)
+    start = state.resume()
+
+    def evaluation():
+        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_rewards(
+            policy, ref, reward_model, reward_fns, weights, heldout, tokenizer, args, device) if heldout else {})}
+
+    logger = common.Logger(args, start)
+    if (toy or heldout) and start == 0:
+        logger.log(0, evaluation())
+    logger.tokens_per_second(device)  # start the step clock
+    for step in range(start + 1, args.max_steps + 1):
+        batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, args) for p in mb]
+        batch, has_eos, per_source, old = rollout(policy, ref, reward_model, reward_fns, batch_prompts, tokenizer,
+                                                  args, device)
+        rewards = per_source @ weights
+        advantages, group_std = group_advantages(rewards, args.num_generations, args.scale_rewards)
+        loss, grad_norm, kl, low, high, entropy = grpo_update(
+            policy, optimizer, scheduler, batch, old, advantages, args, device, logger)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            mask = batch["labels"] != -100
+            n, total, squares, zero_std, length, clipped, *by_source = common.all_sum(
+                [len(rewards), float(rewards.sum()), float((rewards ** 2).sum()), float((group_std == 0).sum()),
+                 float(mask.sum()), float((~has_eos).sum())] + per_source.sum(0).tolist(), device)
+            logger.log(step, {
+                "reward": total / n, "reward_std": max(squares - total ** 2 / n, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5,
+                **{f"rewards/{name}": s / n for name, s in zip(names, by_source)},
+                "frac_reward_zero_std": zero_std * args.num_generations / n,
+                "completions/mean_length": length / n, "completions/clipped_ratio": clipped / n,
+                **({"kl": kl} if args.beta > 0 else {}),
+                "clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "entropy": entropy,
+                "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens/s": logger.tokens_per_second(device),
+            })
+        if sample_every and step % sample_every == 0 and common.rank() == 0:
+            response = batch["labels"][0][batch["labels"][0] != -100]
+            logger.bar.write(f"[step {step}] {tokenizer.decode(batch_prompts[0]['prompt'], skip_special_tokens=True)!r}"
+                             f" -> {tokenizer.decode(response)!r} (reward {float(rewards[0]):.3f})")
+        if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, evaluation())
+        logger.update()
+        state.end_step(step, loss=loss, grad_norm=grad_norm)
+
+    policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
+    common.save_checkpoint(policy, tokenizer, args.output_dir)
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run(main)

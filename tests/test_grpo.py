@@ -1,0 +1,267 @@
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+import common  # noqa: E402
+import grpo  # noqa: E402
+from toy.rewards import gold_reward  # noqa: E402
+from toy.task import DATA_DIR, TOPIC_WORDS  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- advantages
+
+def test_group_advantages_equal_rewards_give_zero_and_group_std():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 2.0, 3.0])  # two groups of G = 3
+    advantages, group_std = grpo.group_advantages(rewards, 3, "group")
+    # group 1: all equal, A = 0 / (0 + 1e-4) = 0.  group 2: mean 2, Bessel std sqrt((1 + 0 + 1) / 2) = 1
+    expected = [0.0, 0.0, 0.0, -1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)]
+    torch.testing.assert_close(advantages, torch.tensor(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(group_std, torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_group_advantages_none_and_batch():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    # group means 3 and 5: R - mean = [-2, -1, 3, 0, 0, 0]
+    none, _ = grpo.group_advantages(rewards, 3, "none")
+    torch.testing.assert_close(none, torch.tensor([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    # group: std of (1, 2, 6) = sqrt((4 + 1 + 9) / 2) = sqrt(7)
+    group, _ = grpo.group_advantages(rewards, 3, "group")
+    torch.testing.assert_close(group, torch.tensor([-2.0, -1.0, 3.0, 0, 0, 0]) / (7 ** 0.5 + 1e-4), atol=1e-6, rtol=0)
+    # batch: mean 24 / 6 = 4, squared deviations 9 + 4 + 4 + 1 + 1 + 1 = 20, std sqrt(20 / 5) = 2
+    batch, _ = grpo.group_advantages(rewards, 3, "batch")
+    torch.testing.assert_close(batch, torch.tensor([-2.0, -1.0, 3.0, 0, 0, 0]) / (2 + 1e-4), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- loss
+
+def loss_of(logps, advantages, mask, loss_type, n_sequences=None, n_tokens=None, old_logps=None, ref_logps=None,
+            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5):
+    old_logps = logps.detach() if old_logps is None else old_logps
+    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
+                          n_sequences or len(mask), n_tokens or float(mask.sum()), max_new_tokens)
+
+
+# two sequences, 2 and 4 tokens, A = 1 and -0.25; ratio 1, so L_t = -A: [-1, -1] and [0.25] * 4.
+# (loss, d loss / d logp of a token of sequence 0, of sequence 1): d L_t / d logp_t = -A * ratio = -A
+AGGREGATIONS = {
+    "grpo": ((-1 + 0.25) / 2, -1 / 2 / 2, 0.25 / 4 / 2),        # mean over 2 sequences of the token means -1, 0.25
+    "dr_grpo": ((-2 + 1) / (2 * 5), -1 / 10, 0.25 / 10),       # token sum / (2 sequences * max_new_tokens 5)
+    "dapo": ((-2 + 1) / 6, -1 / 6, 0.25 / 6),                  # token sum / 6 tokens
+}
+
+
+@pytest.mark.parametrize("loss_type", AGGREGATIONS)
+def test_each_aggregation_on_two_sequences_of_different_lengths(loss_type):
+    logps = torch.tensor([[-1.0, -2.0, 9.0, 9.0], [-0.5, -1.5, -2.5, -3.0]], requires_grad=True)  # 9: padding
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    advantages = torch.tensor([1.0, -0.25])
+    loss, _, _, _ = loss_of(logps, advantages, mask, loss_type)
+    loss.backward()
+    value, grad0, grad1 = AGGREGATIONS[loss_type]
+    assert loss.item() == pytest.approx(value, abs=1e-6)
+    torch.testing.assert_close(logps.grad, torch.tensor([[grad0, grad0, 0, 0], [grad1] * 4]), atol=1e-6, rtol=0)
+    # split over two micro-batches (or ranks) with the global counts, the parts add up to the whole
+    parts = [loss_of(logps[i:i + 1], advantages[i:i + 1], mask[i:i + 1], loss_type, 2, 6.0)[0] for i in (0, 1)]
+    assert sum(p.item() for p in parts) == pytest.approx(value, abs=1e-6)
+
+
+@pytest.mark.parametrize("advantage, ratio, loss, low, high, grad", [
+    # eps_low 0.2, eps_high 0.28: L = -min(r * A, clip(r, 0.8, 1.28) * A); d L / d logp = -A * r unless clipped
+    (1.0, 1.1, -1.1, 0, 0, -1.1),      # inside
+    (1.0, 1.25, -1.25, 0, 0, -1.25),   # inside thanks to clip-higher (eps 0.2 would clip at 1.2)
+    (1.0, 1.5, -1.28, 0, 1, 0.0),      # above: min(1.5, 1.28) = 1.28, high clip, no gradient
+    (1.0, 0.5, -0.5, 0, 0, -0.5),      # below with A > 0: min(0.5, 0.8) = 0.5, unclipped
+    (-1.0, 1.5, 1.5, 0, 0, 1.5),       # above with A < 0: min(-1.5, -1.28) = -1.5, unclipped
+    (-1.0, 0.5, 0.8, 1, 0, 0.0),       # below: min(-0.5, -0.8) = -0.8, low clip, no gradient
+])
+def test_clipping_on_both_sides(advantage, ratio, loss, low, high, grad):
+    logps = torch.tensor([[0.3 + math.log(ratio)]], requires_grad=True)
+    got, _, is_low, is_high = loss_of(logps, torch.tensor([advantage]), torch.ones(1, 1), "dapo",
+                                      old_logps=torch.tensor([[0.3]]), epsilon_low=0.2, epsilon_high=0.28)
+    got.backward()
+    assert got.item() == pytest.approx(loss, abs=1e-6)
+    assert (is_low.item(), is_high.item()) == (low, high)
+    assert logps.grad.item() == pytest.approx(grad, abs=1e-6)
+
+
+def test_kl_is_k3_and_zero_when_policy_is_reference():
+    logps = torch.log(torch.tensor([[0.5, 0.2]]))
+    mask, advantages = torch.ones(1, 2), torch.tensor([1.0])
+    plain, _, _, _ = loss_of(logps, advantages, mask, "dapo")
+    same, kl, _, _ = loss_of(logps, advantages, mask, "dapo", ref_logps=logps.clone(), beta=0.04)
+    assert kl.abs().max().item() == 0.0 and same.item() == pytest.approx(plain.item(), abs=1e-7)
+    # pi_ref = 0.25 and 0.2: ref/pi = 0.5 and 1, KL = 0.5 - log 0.5 - 1 = 0.193147 and 0
+    loss, kl, _, _ = loss_of(logps, advantages, mask, "dapo", ref_logps=torch.log(torch.tensor([[0.25, 0.2]])),
+                             beta=0.04)
+    torch.testing.assert_close(kl, torch.tensor([[0.5 - math.log(0.5) - 1, 0.0]]), atol=1e-6, rtol=0)
+    assert loss.item() == pytest.approx(plain.item() + 0.04 * 0.193147 / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- sampling and rewards
+
+def test_masks_come_from_the_first_eos_not_from_pad():
+    eos = pad = 2
+    generated = torch.tensor([[5, eos, pad, pad], [eos, pad, pad, pad], [5, 6, 7, 8]])  # the last one is cut off
+    assert grpo.completions_from(generated, eos) == [[5, eos], [eos], [5, 6, 7, 8]]
+
+
+def test_toy_reward_function_takes_strings_and_messages():
+    prompts = ["tell me about animals :", [{"role": "user", "content": "tell me about fruits and tools :"}]]
+    completions = ["cat dog red blue", [{"role": "assistant", "content": "apple saw rain"}]]
+    assert gold_reward(prompts, completions, answer=["x", "y"]) == [2 / 4, 2 / 3]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise ValueError('no answer column')", "reward function bad raised ValueError: no answer column"),
+    ("return [1.0]", "reward function bad returned 1 values for 2 completions"),
+    ("return [1.0, float('nan')]", "reward function bad returned nan; rewards must be finite numbers"),
+    ("return None", "reward function bad returned NoneType for 2 completions"),
+])
+def test_a_failing_reward_function_is_named_in_one_line(tmp_path, body, message):
+    path = tmp_path / "rewards.py"
+    path.write_text(f"def bad(prompts, completions, **columns):\n    {body}\n")
+    name, fn = grpo.load_reward_fn(f"{path}:bad")
+    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
+        grpo.call_reward_fn(name, fn, ["p", "q"], ["a", "b"], {})
+    with pytest.raises(common.UserError, match="has no function 'absent'"):
+        grpo.load_reward_fn(f"{path}:absent")
+    with pytest.raises(common.UserError, match="expected path/to/file.py:function"):
+        grpo.load_reward_fn("rewards:bad")
+
+
+# ---------------------------------------------------------------- the same run over micro-batches and ranks
+
+def fixed_generate():
+    """A stand-in for grpo.generate whose 'samples' depend on the prompt, the index within its group and the
+    step only, so every split of a global batch over micro-batches and ranks gets the same ones."""
+    words, calls = [w for ws in TOPIC_WORDS.values() for w in ws], []
+
+    def generate(policy, prompts, tokenizer, args, device):
+        calls.append(1)
+        out = []
+        for i, p in enumerate(prompts):
+            rng = random.Random(zlib.crc32(f"{p['prompt']}|{i % args.num_generations}|{len(calls)}".encode()))
+            n = rng.randint(1, args.max_new_tokens)
+            ids = tokenizer.convert_tokens_to_ids(rng.choices(words, k=n))
+            out.append(ids + [tokenizer.eos_token_id] if n < args.max_new_tokens else ids)  # some cut off
+        return out
+    return generate
+
+
+# one run per aggregation, each with another advantage scaling; KL and two iterations (clipping) in all
+LOSS_TYPES = {"grpo": "batch", "dr_grpo": "none", "dapo": "group"}
+FLAGS = ["--max_steps", "2", "--num_generations", "4", "--max_new_tokens", "8", "--max_length", "64",
+         "--beta", "0.04", "--num_iterations", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--log_every", "1",
+         "--num_sample_generations", "0", "--reward_fn", os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward"]
+
+
+def run_each_loss_type(flags, out):
+    sample = grpo.generate
+    try:
+        for loss_type, scale in LOSS_TYPES.items():
+            grpo.generate = fixed_generate()
+            grpo.main(flags + ["--loss_type", loss_type, "--scale_rewards", scale,
+                               "--output_dir", f"{out}/{loss_type}"])
+    finally:
+        grpo.generate = sample
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"  # outside toy/data: no toy eval
+    with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:64]))
+    flags = FLAGS + ["--model", tiny_model, "--data", str(data)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path / "two"), *flags, "--batch_size", "2", "--grad_accum", "2"]
+    two = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_each_loss_type(flags + ["--batch_size", "8"], str(tmp_path / "one"))
+    run_each_loss_type(flags + ["--batch_size", "4", "--grad_accum", "2"], str(tmp_path / "accum"))
+    assert two.wait(timeout=300) == 0, two.stdout.read()[-3000:]
+    sampled = read_metrics(str(tmp_path / "two" / "sampled"))
+    assert [r["step"] for r in sampled] == [1, 2] and all(math.isfinite(v) for r in sampled for v in r.values())
+    start = load_file(os.path.join(tiny_model, "model.safetensors"))
+    for loss_type in LOSS_TYPES:
+        one, accum, two = (str(tmp_path / run / loss_type) for run in ("one", "accum", "two"))
+        for other in (accum, two):
+            for a, b in zip(read_metrics(one), read_metrics(other), strict=True):
+                for key in ("loss", "grad_norm", "reward", "kl", "entropy", "clip_ratio/low_mean",
+                            "clip_ratio/high_mean"):
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (loss_type, other, key)
+            # Adam turns float noise in a near-zero gradient into up to 2e-5 here; the updates reach ~1e-2
+            w1, w2 = (load_file(os.path.join(d, "model.safetensors")) for d in (one, other))
+            for name in w1:
+                torch.testing.assert_close(w1[name], w2[name], atol=1e-4, rtol=0)
+        last = read_metrics(one)[-1]
+        assert last["kl"] > 0 and last["clip_ratio/low_mean"] + last["clip_ratio/high_mean"] > 0  # all terms live
+        assert (w1["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 5e-3
+
+
+# ---------------------------------------------------------------- end to end, resume
+
+def test_gold_score_rises(sft_model, tmp_path):
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", sft_model, "--output_dir", out, "--max_steps", "10", "--log_every", "1",
+               "--num_sample_generations", "0"])
+    rows = read_metrics(out)
+    train, evals = [r for r in rows if "reward" in r], [r for r in rows if "eval/gold_score" in r]
+    assert [r["step"] for r in train] == list(range(1, 11)) and [r["step"] for r in evals] == [0, 10]
+    expected = {"reward", "reward_std", "rewards/gold_reward", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "loss", "lr",
+                "grad_norm", "tokens/s"}
+    assert set(train[0]) == expected | {"step"}  # no kl with beta 0
+    assert all(math.isfinite(v) for r in train for v in r.values())
+    assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.08, evals  # about +0.14 measured
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f).get("top_k") != 0  # the checkpoint's own sampling defaults, not GRPO's
+
+
+def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
+    from test_reliability import rows, same_weights, sigterm_during_step
+    from transformers import AutoModel
+
+    import rm
+
+    reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
+    torch.manual_seed(0)
+    rm.save_reward_model(rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel)),
+                         common.load_tokenizer(tiny_model), reward_model)
+    data = tmp_path / "prompts.jsonl"
+    with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:32]))
+    flags = FLAGS + ["--model", tiny_model, "--data", str(data), "--max_steps", "6", "--batch_size", "2",
+                     "--reward_model", reward_model, "--reward_weights", "1.0", "0.5"]
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "out")
+    grpo.main(flags + ["--output_dir", straight])
+    sigterm_during_step(monkeypatch, 5)  # 2 optimizer steps a rollout: stops after rollout 3
+    with pytest.raises(SystemExit) as stopped:
+        grpo.main(flags + ["--output_dir", out])
+    assert stopped.value.code == 0
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]
+    monkeypatch.undo()
+    grpo.main(flags + ["--output_dir", out, "--resume"])
+    assert same_weights(straight, out)
+    assert rows(out) == rows(straight)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    last = rows(out)[-1]
+    assert last["reward"] == pytest.approx(last["rewards/gold_reward"] + 0.5 * last["rewards/reward_model"], abs=1e-5)
+
+
+if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
+    run_each_loss_type(sys.argv[2:], sys.argv[1])
+    grpo.main(sys.argv[2:] + ["--output_dir", f"{sys.argv[1]}/sampled"])  # real sampling, ranks stop at other lengths
