@@ -110,19 +110,18 @@ def set_sampling(policy, args, tokenizer):
 
 def token_values(value_model, batch):
     """(B, C) values V_t, read where the policy predicts response token t: the state before it."""
-    values = value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    values = common.position_outputs(value_model, batch)  # packed or padded forward, padded layout
     return values[:, -batch["labels"].shape[1] - 1:-1]
 
 
 def policy_logps(policy, batch, temperature):
     """common.token_logps, plus the entropy of pi(.|state) at each response position (no grad)."""
-    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1] / temperature
+    mask = batch["labels"] != -100
+    logits = common.completion_logits(policy, batch) / temperature  # (N, V) at the N response positions
     with torch.no_grad():
         logits32 = logits.float()
         entropy = logits32.logsumexp(-1) - (logits32.softmax(-1) * logits32).sum(-1)
-    return common.gather_logps(logits, batch["labels"]), entropy
+    return common.spread(common.gather_logps(logits, batch["labels"][mask]), mask), common.spread(entropy, mask)
 
 
 @torch.no_grad()
