@@ -581,8 +581,8 @@ def pack(batch):
     index = torch.full((B * W,), -1, dtype=torch.long)
     index[source[filled]] = torch.arange(source.numel())[filled.flatten()]
     device = batch["input_ids"].device
-    return dict(input_ids=batch["input_ids"].flatten()[source.to(device)], position_ids=position_ids.to(device),
-                index=index.view(B, W).to(device))
+    input_ids = batch["input_ids"].flatten()[source.to(device)].masked_fill(~filled.to(device), 0)  # filler: id 0
+    return dict(input_ids=input_ids, position_ids=position_ids.to(device), index=index.view(B, W).to(device))
 
 
 def unpack(outputs, index):
