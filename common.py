@@ -4,6 +4,17 @@ Batch layout (all collators): each row is [left padding | prompt | completion | 
 with every completion starting at the same column P. `labels` holds only the completion
 columns: labels[:, j] is token P + j, or -100 on padding. So the model projects to the
 vocabulary only at the C + 1 positions that score a completion token, never on the prompt.
+
+This padded batch is what scripts see. The model may run on its packed (padding-free) form instead:
+pack() puts each sequence's real tokens whole into rows of at most P + C tokens, position_ids
+restarting at 0 per sequence and no attention_mask, so attention stays inside each sequence.
+token_logps, completion_logits and position_outputs map results back to the padded columns;
+packs() decides per model (--padding_free, else packing_check once).
+
+    padded (B=3, P=3, C=4)      packed (R=2 rows, T=7)    position_ids
+     5  6  7 | 11 12  .  .       9 10 14 15 16 17  .       0 1 2 3 4 5 0    (. = padding; the packed
+     .  .  8 | 13  .  .  .       5  6  7 11 12  8 13       0 1 2 3 4 0 1     row's filler is never scored)
+     .  9 10 | 14 15 16 17
 """
 import argparse
 import json
