@@ -5,6 +5,17 @@ with every completion starting at the same column P. `labels` holds only the com
 columns: labels[:, j] is token P + j, or -100 on padding and on the unscored turns inside a
 multi-turn chat's completion (an example's "completion_mask"). So the model projects to the
 vocabulary only at the C + 1 positions that score a completion token, never on the prompt.
+
+This padded batch is what scripts see. The model may run on its packed (padding-free) form instead:
+pack() puts each sequence's real tokens whole into rows of at most P + C tokens, position_ids
+restarting at 0 per sequence and no attention_mask, so attention stays inside each sequence.
+token_logps, completion_logits and position_outputs map results back to the padded columns;
+packs() decides per model (--padding_free, else packing_check once).
+
+    padded (B=3, P=3, C=4)      packed (R=2 rows, T=7)    position_ids
+     5  6  7 | 11 12  .  .       9 10 14 15 16 17  .       0 1 2 3 4 5 0    (. = padding; the packed
+     .  .  8 | 13  .  .  .       5  6  7 11 12  8 13       0 1 2 3 4 0 1     row's filler is never scored)
+     .  9 10 | 14 15 16 17
 """
 import argparse
 import contextlib
@@ -99,6 +110,9 @@ def base_parser(doc, data, model=TINY_MODEL_DIR, lr=1e-3, max_steps=1000, batch_
     p.add_argument("--save_total_limit", type=int, default=2, help="keep only the last N checkpoints")
     p.add_argument("--allow_pickle", action="store_true",
                    help="accept a --model with only .bin (pickle) weights, which can run code when loaded")
+    p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack sequences into rows without padding (default: on where a start-up check shows the "
+                        "model honours packed position_ids, else padded)")
     p.set_defaults(toy_eval_data=toy_eval_data and os.path.join(TOY_DATA_DIR, toy_eval_data))
     return p
 
@@ -142,6 +156,8 @@ def check_output_dir(args):
 
 def setup(args):
     """Init torch.distributed under torchrun (nccl on CUDA, gloo on CPU); return the device."""
+    global PADDING_FREE
+    PADDING_FREE = getattr(args, "padding_free", None)
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -352,7 +368,7 @@ def gather_logps(logits, labels, chunk_rows=8):
 
 
 def token_logps(model, batch, temperature=1.0):
-    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding.
+    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding (packed or padded forward: see pack).
 
     For this one forward the LM head scores the labels itself (HeadLogps) instead of returning
     logits: it projects only the positions that predict a completion token (no prompt, no
@@ -361,26 +377,70 @@ def token_logps(model, batch, temperature=1.0):
     labels = batch["labels"]
     mask = labels != -100
     head = model.get_output_embeddings()
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1, use_cache=False)
     scored = []
 
-    def score(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
-        scored.append(HeadLogps.apply(hidden[:, :-1][mask], head.weight, head.bias, labels[mask], temperature))
+    def score(hidden):
+        scored.append(HeadLogps.apply(hidden, head.weight, head.bias, labels[mask], temperature))
         return scored[-1]
 
+    logps = completion_logits(model, batch, score)
+    if not scored or logps is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
+        logits = completion_logits(model, batch)
+        logps = gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels[mask])  # float32 / T
+    return spread(logps, mask)
+
+
+def completion_logits(model, batch, score=None):
+    """One forward in which the LM head sees only the (N, H) hidden states that predict the N completion
+    tokens labels[labels != -100] (row-major), packed or padded (see pack). Returns the logits there (N, V),
+    after any change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
+    labels = batch["labels"]
+    mask = labels != -100
+    if packs(model):
+        packed = pack(batch)
+        P = batch["input_ids"].shape[1] - labels.shape[1]
+        where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
+        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+
+        def select(hidden):
+            return hidden.flatten(0, 1)[where]
+    else:
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1)
+
+        def select(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
+            return hidden[:, :-1][mask]
+    head = model.get_output_embeddings()
+    project, called = score or head.forward, []
+
+    def head_forward(hidden):
+        called.append(True)
+        return project(select(hidden))
+
     own_forward = vars(head).pop("forward", None)  # an instance attribute shadows the class's forward
-    head.forward = score
+    head.forward = head_forward
     try:
-        out = model(**inputs)
+        out = model(**inputs, use_cache=False)
     finally:
         del head.forward
         if own_forward is not None:
             head.forward = own_forward
-    if not scored or out.logits is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
-        logits = model(**inputs).logits[:, :-1]
-        return gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels)  # float32 / T
-    return torch.zeros(labels.shape, dtype=out.logits.dtype, device=labels.device).masked_scatter(mask, out.logits)
+    return out.logits if called else select(out.logits)  # a model that never calls its head: full logits
+
+
+def logps_and_entropy(model, batch, temperature):
+    """token_logps with a gradient through full logits (N, V), plus the entropy of pi(.|state) at each
+    response position (no grad): PPO's and GRPO's update. logits / T in float32, as the rollout's scoring."""
+    mask = batch["labels"] != -100
+    logits = completion_logits(model, batch).float() / temperature
+    with torch.no_grad():
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    return spread(gather_logps(logits, batch["labels"][mask]), mask), spread(entropy, mask)
+
+
+def spread(values, mask):
+    """(N,) values back to the completion columns (B, C) where mask is True, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
 class HeadLogps(torch.autograd.Function):
@@ -759,6 +819,117 @@ def collate_pairs(examples, pad_id, device):
 def collate_prompts(examples, pad_id, device):
     """Left-padded prompts for generation (a batch with empty completions)."""
     return collate([e["prompt"] for e in examples], [[] for _ in examples], pad_id, device)
+
+
+# ---------------------------------------------------------------- padding-free (packed) forwards
+
+PADDING_FREE = None  # --padding_free / --no-padding_free, set by setup(); None: packing_check decides per model
+
+
+def pack(batch):
+    """The packed layout of a collated batch, for a forward with no attention_mask.
+
+    Each sequence's real tokens (prompt + completion) go whole into one row, first-fit by decreasing
+    length, into rows of at most W tokens (W: the padded width): at most B rows of at most W tokens,
+    so no activation and no (T x T) attention mask is larger than the padded batch's. position_ids
+    restart at 0 at each sequence, which transformers reads as a sequence boundary (masking_utils.
+    find_packed_sequence_indices); the filler ending a short row counts from 0 too and is never scored.
+    Returns input_ids and position_ids (R, T), and index (B, W): where each padded position's token
+    sits in the flattened rows, -1 on padding.
+    """
+    real = batch["attention_mask"].bool().cpu()
+    B, W = real.shape
+    lengths, starts = real.sum(-1).tolist(), real.int().argmax(-1).tolist()
+    rows, free = [], []
+    for b in sorted(range(B), key=lambda b: -lengths[b]):
+        r = next((r for r, room in enumerate(free) if room >= lengths[b]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(W)
+        rows[r].append(b)
+        free[r] -= lengths[b]
+    T = W - min(free)
+    source = torch.zeros(len(rows), T, dtype=torch.long)  # each packed token's index in the flattened padded batch
+    position_ids = torch.zeros_like(source)
+    filled = torch.zeros_like(source, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        t = 0
+        for b in row:
+            source[r, t:t + lengths[b]] = b * W + starts[b] + torch.arange(lengths[b])
+            position_ids[r, t:t + lengths[b]] = torch.arange(lengths[b])
+            t += lengths[b]
+        filled[r, :t] = True
+        position_ids[r, t:] = torch.arange(T - t)
+    index = torch.full((B * W,), -1, dtype=torch.long)
+    index[source[filled]] = torch.arange(source.numel())[filled.flatten()]
+    device = batch["input_ids"].device
+    input_ids = batch["input_ids"].flatten()[source.to(device)].masked_fill(~filled.to(device), 0)  # filler: id 0
+    return dict(input_ids=input_ids, position_ids=position_ids.to(device), index=index.view(B, W).to(device))
+
+
+def unpack(outputs, index):
+    """Per-position outputs of packed rows (R, T, ...) in the padded layout (B, W, ...), 0 on padding."""
+    flat = outputs.flatten(0, 1)[index.clamp(min=0)]
+    return flat.masked_fill((index < 0).view(*index.shape, *[1] * (flat.dim() - 2)), 0)
+
+
+def forward_outputs(model, input_ids, attention_mask, position_ids):
+    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position."""
+    from transformers import PreTrainedModel
+
+    cache = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}  # a cache turns packing off
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    return getattr(out, "logits", out)
+
+
+def position_outputs(model, batch):
+    """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
+    if not packs(model):
+        return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    packed = pack(batch)
+    return unpack(forward_outputs(model, packed["input_ids"], None, packed["position_ids"]), packed["index"])
+
+
+def packs(model):
+    """Whether `model`'s forwards use the packed layout: as forced by --(no-)padding_free, else its packing_check."""
+    if PADDING_FREE is not None:
+        return PADDING_FREE
+    if getattr(model, "padding_free", None) is None:
+        model.padding_free = packing_check(model)
+    return model.padding_free
+
+
+@torch.no_grad()
+def packing_check(model):
+    """Once per model: do a few sequences (lengths 1 to 8) give the same outputs packed as padded? Only if its
+    attention keeps packed sequences apart. If not, or for hub code, a one-line notice and False (padding)."""
+    name = unwrapped_class(model).__name__
+    if any(type(m).__module__.startswith("transformers_modules") for m in model.modules()):
+        reason = "its code comes from the hub (--trust_remote_code)"
+    else:
+        vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        ids = torch.randint(vocab, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+        prompts, completions = [ids[:5], ids[5:6], ids[6:8], ids[8:15]], [ids[15:18], ids[18:19], ids[19:24], []]
+        batch = collate(prompts, completions, 0, next(model.parameters()).device)
+        training = model.training
+        model.eval()  # no dropout: both forwards must be deterministic
+        try:
+            padded = forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            layout = pack(batch)
+            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"]), layout["index"])
+        finally:
+            model.train(training)
+        real = batch["attention_mask"].bool()
+        tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2  # relative to the outputs' scale
+        padded, packed = padded[real].float(), packed[real].float()
+        tolerance *= max(1.0, float(padded.abs().max()))
+        gap = float((packed - padded).abs().max())
+        if gap <= tolerance:
+            return True
+        reason = f"its outputs for packed sequences differ from padded ones by {gap:.2g}"
+    if rank() == 0:
+        print(f"padding-free: {name} pads its batches, as {reason}; --padding_free forces packing", file=sys.stderr)
+    return False
 
 
 def micro_batches(examples, step, args):

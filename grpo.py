@@ -149,17 +149,6 @@ def call_reward_fn(name, fn, prompts, completions, columns):
     return [float(r) for r in out]
 
 
-def policy_logps(policy, batch, temperature):
-    """Log-probs of logits / T taken in float32, as common.token_logps does, plus the entropy of pi(.|state)
-    at each response position (no grad)."""
-    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    with torch.no_grad():
-        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    return common.gather_logps(logits, batch["labels"]), entropy
-
-
 def generate(policy, prompts, tokenizer, args, device):
     """Sample a response per prompt, cut after its first EOS, in chunks of --local_rollout_forward_batch_size."""
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
@@ -226,7 +215,7 @@ def grpo_update(policy, optimizer, scheduler, batch, old, advantages, args, devi
     for _ in range(args.num_iterations):
         for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
             mb, m = {k: v[rows] for k, v in batch.items()}, mask[rows]
-            logps, entropy = policy_logps(policy, mb, args.temperature)
+            logps, entropy = common.logps_and_entropy(policy, mb, args.temperature)
             old_logps = old["old_logps"][rows] if args.num_iterations > 1 else logps.detach()
             loss, kl, low, high = grpo_loss(
                 logps, old_logps, old["ref_logps"][rows] if args.beta > 0 else None, advantages[rows], m,

@@ -110,18 +110,8 @@ def set_sampling(policy, args, tokenizer):
 
 def token_values(value_model, batch):
     """(B, C) values V_t, read where the policy predicts response token t: the state before it."""
-    values = value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    values = common.position_outputs(value_model, batch)  # packed or padded forward, padded layout
     return values[:, -batch["labels"].shape[1] - 1:-1]
-
-
-def policy_logps(policy, batch, temperature):
-    """common.token_logps, plus the entropy of pi(.|state) at each response position (no grad)."""
-    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], logits_to_keep=batch["labels"].shape[1] + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # in float32, as the rollout's scoring: bf16 / T would round
-    with torch.no_grad():
-        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    return common.gather_logps(logits, batch["labels"]), entropy
 
 
 @torch.no_grad()
@@ -175,7 +165,7 @@ def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns,
             (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)
             for micro in rows.split(args.batch_size):
                 mb, m = {k: v[micro] for k, v in batch.items()}, mask[micro]
-                logps, entropy = policy_logps(policy, mb, args.temperature)
+                logps, entropy = common.logps_and_entropy(policy, mb, args.temperature)
                 pg, pg_clipfrac = policy_loss(logps, old["old_logps"][micro], advantages[micro], m, args.cliprange)
                 vf, vf_clipfrac = value_loss(token_values(value_model, mb), old["old_values"][micro], returns[micro],
                                              m, args.cliprange_value)

@@ -55,7 +55,7 @@ class RewardModel(torch.nn.Module):
 
 def last_token_rewards(model, batch):
     """(B,) rewards read at each row's last real token (column P + n - 1 in common's layout)."""
-    values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    values = common.position_outputs(model, batch)  # packed or padded forward, padded layout
     labels = batch["labels"]
     last = values.shape[1] - labels.shape[1] + (labels != -100).sum(-1) - 1
     return values.gather(1, last.unsqueeze(1)).squeeze(1)

@@ -4,6 +4,7 @@ common.token_logps swapped for full logits + log_softmax().gather()).
 
     python bench/speed.py                                  # everything, 2 rounds
     python bench/speed.py --cases dpo:ours,dpo:trl --rounds 1
+    python bench/speed.py --workload realistic             # packed vs padded vs TRL, realistic lengths
 
 Same model (bench/workload.py: Llama, 19.6M parameters, 32k vocabulary, random weights), same
 data (prompt 64 + completion 128 tokens, no padding), same batch (8 sequences: 4 DPO pairs),
@@ -23,6 +24,12 @@ round runs every case once, so a shared machine's load hits them alike. Per case
 The large-vocabulary case (vocab 128k, one sequence of 1024 tokens: prompt 64, completion 960)
 measures the memory of sequence log-probs alone (a 1-layer model), peak RSS above the resident
 model: common.sequence_logps against the naive form, without grad and forward + backward.
+
+`--workload realistic` trains on realistic lengths instead (bench/workload.py: lognormal, medians
+90 prompt / 220 response tokens, long tails) and compares `ours` (packed: padding-free batches, as
+by default) with `padded` (--no-padding_free) and TRL, for SFT, DPO and KTO. Steps then differ in
+length: tokens/s is the median over steps of each step's own rate, and `padding` is the share of
+padding positions in the batches the model ran on (for `ours`, after packing).
 
 TRL is optional: without it the TRL cases are skipped (see README, "Speed and memory").
 """
@@ -55,6 +62,12 @@ ALGOS = {  # script, data file, forwards per trained token besides the trained o
 }
 CASES = ["sft:ours", "sft:naive", "sft:trl", "dpo:ours", "dpo:naive", "dpo:trl", "dpo-pre:ours", "dpo-pre:trl",
          "kto:ours", "kto:naive", "kto:trl", "logps:ours", "logps:naive"]
+REALISTIC_CASES = [f"{algo}:{impl}" for algo in ("dpo", "kto", "sft") for impl in ("ours", "padded", "trl")]
+IMPLEMENTATIONS = ("ours", "padded", "naive", "trl")
+
+
+def data_dir(workload_name):
+    return os.path.join(BENCH_DIR, "realistic") if workload_name == "realistic" else BENCH_DIR
 
 
 class Finished(Exception):
@@ -140,25 +153,31 @@ class StepClock:
             print(table, file=sys.stderr)
         return done
 
-    def result(self, tokens_per_step):
-        def step_median(stamps):
-            return statistics.median(b - a for a, b in zip(stamps[self.warmup - 1:], stamps[self.warmup:]))
-        return {"step_s": step_median(self.wall), "cpu_s": step_median(self.cpu), "tokens_per_step": tokens_per_step,
-                "peak_mb": peak_mb(), **matmul_rate()}
+    def result(self, tokens, positions):
+        """Medians over the measured steps of tokens[step] / the step's time; `positions` sums the padded
+        (or packed) positions of the measured steps as {name: per-step list}."""
+        measured = slice(self.warmup, self.steps)
+
+        def rate(stamps):
+            times = [b - a for a, b in zip(stamps[self.warmup - 1:], stamps[self.warmup:])]
+            return statistics.median(n / t for n, t in zip(tokens[measured], times))
+        return {"tokens_per_s": rate(self.wall), "tokens_per_cpu_s": rate(self.cpu), "peak_mb": peak_mb(),
+                "tokens": sum(tokens[measured]), **{k: sum(v[measured]) for k, v in positions.items()},
+                **matmul_rate()}
 
 
 # ---------------------------------------------------------------- the cases, each in a fresh process
 
-def run_ours(algo, naive, steps, warmup):
+def run_ours(algo, impl, steps, warmup, directory):
     """The script's own main(), timed by a hook on common.clip_and_step (once per optimizer step)."""
     import importlib
 
     script_name, data, _ = ALGOS[algo]
     script = importlib.import_module(script_name)
-    if naive:
+    if impl == "naive":
         common.token_logps = naive_token_logps
     clock, clip_and_step, count = StepClock(steps, warmup), common.clip_and_step, common.Logger.count
-    tokens = []
+    tokens, positions = [], {"padded_positions": [], "packed_positions": []}
 
     def timed_step(*args, **kwargs):
         norm = clip_and_step(*args, **kwargs)
@@ -166,29 +185,32 @@ def run_ours(algo, naive, steps, warmup):
             raise Finished
         return norm
 
-    def counted(logger, batch):
+    def counted(logger, batch):  # the trained rows of the step (one micro-batch)
         tokens.append(int(batch["attention_mask"].sum()))
+        positions["padded_positions"].append(batch["attention_mask"].numel())
+        positions["packed_positions"].append(common.pack(batch)["input_ids"].numel())
         count(logger, batch)
 
     common.clip_and_step, common.Logger.count = timed_step, counted
-    argv = ["--model", os.path.join(BENCH_DIR, "model"), "--data", os.path.join(BENCH_DIR, data),
+    argv = ["--model", os.path.join(BENCH_DIR, "model"), "--data", os.path.join(directory, data),
             "--batch_size", str(ROWS // 2 if script_name == "dpo" else ROWS), "--max_steps", str(steps + 1),
-            "--lr", str(LR), "--log_every", "1000", "--output_dir", tempfile.mkdtemp()]
+            "--lr", str(LR), "--log_every", "1000", "--output_dir", tempfile.mkdtemp(),
+            "--max_length", str(workload.MAX_LENGTH)] + ([] if impl == "ours" else ["--no-padding_free"])
     try:
         script.main(argv + (["--precompute_ref"] if algo == "dpo-pre" else []))
     except Finished:
         pass
-    return clock.result(tokens[0])
+    return clock.result(tokens, positions)
 
 
-def run_trl(algo, steps, warmup):
+def run_trl(algo, steps, warmup, directory):
     """TRL's trainer on the same model, data, batch, dtype, optimizer and schedule."""
     import datasets
     import transformers
     import trl
 
     model_dir = os.path.join(BENCH_DIR, "model")
-    rows = common.read_jsonl(os.path.join(BENCH_DIR, ALGOS[algo][1]), [])
+    rows = common.read_jsonl(os.path.join(directory, ALGOS[algo][1]), [])
     dataset = datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "_where"} for r in rows])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -211,10 +233,11 @@ def run_trl(algo, steps, warmup):
     else:
         trainer = trl.KTOTrainer(model=load(), ref_model=load(), args=trl.KTOConfig(beta=0.1, **shared),
                                  train_dataset=dataset, processing_class=tokenizer)
-    clock, compute_loss, tokens = StepClock(steps, warmup), trainer.compute_loss, []
+    clock, compute_loss, tokens, padded = StepClock(steps, warmup), trainer.compute_loss, [], []
 
     def counted(model, inputs, *args, **kwargs):
         tokens.append(int(inputs["attention_mask"].sum()))  # the trained rows (KTO's KL rows are separate)
+        padded.append(inputs["attention_mask"].numel())
         return compute_loss(model, inputs, *args, **kwargs)
 
     class Clock(transformers.TrainerCallback):
@@ -224,7 +247,7 @@ def run_trl(algo, steps, warmup):
     trainer.compute_loss = counted
     trainer.add_callback(Clock())
     trainer.train()
-    return clock.result(tokens[0])
+    return clock.result(tokens, {"padded_positions": padded})
 
 
 def run_large_vocab(naive):
@@ -253,20 +276,20 @@ def run_large_vocab(naive):
     return result
 
 
-def child(case, steps, warmup):
+def child(case, steps, warmup, workload_name):
     algo, impl = case.split(":")
     if algo == "logps":
         return run_large_vocab(impl == "naive")
     if impl == "trl":
-        return run_trl(algo, steps, warmup)
-    return run_ours(algo, impl == "naive", steps, warmup)
+        return run_trl(algo, steps, warmup, data_dir(workload_name))
+    return run_ours(algo, impl, steps, warmup, data_dir(workload_name))
 
 
 # ---------------------------------------------------------------- the driver and the report
 
 def spawn(case, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--workload", args.workload]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -296,26 +319,24 @@ def report(results, rounds):
     matmul = [r for runs in results.values() for r in runs if "matmul_gflops_cpu" in r]
     matmul_rate = median_of(matmul, "matmul_gflops_cpu") if matmul else float("nan")
     lines = [f"N = {n_params / 1e6:.2f}M parameters less the input embedding; medians over {rounds} rounds", "",
-             "| algo | implementation | tokens/s | vs TRL | vs TRL (CPU time) | peak MB | vs TRL | MFU |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| algo | implementation | tokens/s | vs padded | vs TRL | vs TRL (CPU time) | peak MB | vs TRL | "
+             "padding | MFU |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(runs, other, key):
+        return f"{median_of(runs, key) / median_of(other, key):.2f}x" if other else "-"
     for algo, (_, _, extra_forwards) in ALGOS.items():
-        trl = results.get(f"{algo}:trl")
-        for impl in ("ours", "naive", "trl"):
+        trl, padded = results.get(f"{algo}:trl"), results.get(f"{algo}:padded")
+        for impl in IMPLEMENTATIONS:
             runs = results.get(f"{algo}:{impl}")
             if not runs:
                 continue
-            tokens = median_of(runs, "tokens_per_step")
-            rate, cpu_rate = tokens / median_of(runs, "step_s"), tokens / median_of(runs, "cpu_s")
-            peak = median_of(runs, "peak_mb")
-            mfu = cpu_rate * (6 + 2 * extra_forwards) * n_params / 1e9 / matmul_rate
-            if trl:
-                trl_tokens = median_of(trl, "tokens_per_step")
-                vs = (f"{rate / (trl_tokens / median_of(trl, 'step_s')):.2f}x",
-                      f"{cpu_rate / (trl_tokens / median_of(trl, 'cpu_s')):.2f}x",
-                      f"{peak / median_of(trl, 'peak_mb'):.2f}x")
-            else:
-                vs = ("-", "-", "-")
-            lines.append(f"| {algo} | {impl} | {rate:.0f} | {vs[0]} | {vs[1]} | {peak:.0f} | {vs[2]} | {100 * mfu:.0f}% |")
+            positions = "packed_positions" if impl == "ours" else "padded_positions"
+            padding = 1 - sum(r["tokens"] for r in runs) / sum(r[positions] for r in runs)
+            mfu = median_of(runs, "tokens_per_cpu_s") * (6 + 2 * extra_forwards) * n_params / 1e9 / matmul_rate
+            lines.append(f"| {algo} | {impl} | {median_of(runs, 'tokens_per_s'):.0f} | "
+                         f"{ratio(runs, padded, 'tokens_per_s')} | {ratio(runs, trl, 'tokens_per_s')} | "
+                         f"{ratio(runs, trl, 'tokens_per_cpu_s')} | {median_of(runs, 'peak_mb'):.0f} | "
+                         f"{ratio(runs, trl, 'peak_mb')} | {100 * padding:.0f}% | {100 * mfu:.0f}% |")
     if matmul:
         lines += ["", f"fp32 matmul (2048^3) in the same processes: {matmul_rate:.0f} GFLOP per CPU-second, "
                       f"{median_of(matmul, 'matmul_gflops_wall'):.0f} GFLOP/s wall (medians); MFU uses the former"]
@@ -331,7 +352,9 @@ def report(results, rounds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated algo:implementation")
+    p.add_argument("--workload", default="fixed", choices=["fixed", "realistic"],
+                   help="fixed lengths (the default cases), or realistic lengths (packed vs padded vs TRL)")
+    p.add_argument("--cases", help="comma-separated algo:implementation (default: all of the workload's)")
     p.add_argument("--rounds", type=int, default=2, help="each case runs once per round; medians over rounds")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per case, warm-up included")
     p.add_argument("--warmup", type=int, default=2)
@@ -344,17 +367,18 @@ def main():
     if args.child or args.profile:
         torch.set_num_threads(args.threads)
         StepClock.PROFILE = bool(args.profile)
-        print("RESULT " + json.dumps(child(args.child or args.profile, args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(child(args.child or args.profile, args.steps, args.warmup, args.workload)),
+              flush=True)
         return
 
-    results_file = os.path.join(BENCH_DIR, "results.json")
+    results_file = os.path.join(BENCH_DIR, f"results-{args.workload}.json")
     if args.report:
         with open(results_file) as f:
             results = json.load(f)
         print(report(results, max(len(runs) for runs in results.values())))
         return
     workload.build(BENCH_DIR)
-    cases = args.cases.split(",")
+    cases = (args.cases or ",".join(REALISTIC_CASES if args.workload == "realistic" else CASES)).split(",")
     for script in sorted({ALGOS[c.split(":")[0]][0] for c in cases if not c.startswith("logps")}):
         if not os.path.exists(os.path.join(ROOT, script + ".py")):
             print(f"{script}.py does not exist yet: its cases are skipped", file=sys.stderr)

@@ -3,8 +3,13 @@ and fixed-length data (prompt 64 tokens with BOS, completions 128 tokens with EO
 
 Every row has the same length, so every implementation sees exactly the same tokens and no
 padding: the comparison is of the training step, not of the collators.
+
+The realistic workload (build_realistic_data, in out_dir/realistic) has the length spread of public
+chat preference sets instead: lognormal prompt and response lengths (medians 90 and 220 tokens,
+long tails, at most 384 + 640 tokens so nothing is truncated at max_length 1024), seeded.
 """
 import json
+import math
 import os
 import random
 
@@ -54,6 +59,10 @@ def build_data(out_dir, seed=0):
     rng = random.Random(seed)
     pairs = [{"prompt": words(rng, PROMPT_TOKENS - 1), "chosen": " " + words(rng, COMPLETION_TOKENS - 1),
               "rejected": " " + words(rng, COMPLETION_TOKENS - 1)} for _ in range(N_PAIRS)]
+    write_data(out_dir, pairs)
+
+
+def write_data(out_dir, pairs):
     single = [{"prompt": p["prompt"], "completion": p[k]} for p in pairs for k in ("chosen", "rejected")]
     files = {
         "pairs.jsonl": pairs,
@@ -65,6 +74,26 @@ def build_data(out_dir, seed=0):
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+PROMPT_MEDIAN, RESPONSE_MEDIAN, SIGMA = 90, 220, 0.6  # lognormal: p95 = 2.7 x median, p99 = 4 x median
+PROMPT_MAX, RESPONSE_MAX, MAX_LENGTH = 384, 640, 1024
+
+
+def lognormal_length(rng, median, longest):
+    return max(2, min(longest, round(rng.lognormvariate(math.log(median), SIGMA))))
+
+
+def build_realistic_data(out_dir, seed=0):
+    """The three files of build_data, with realistic lengths (counted in tokens, BOS and EOS included)."""
+    rng = random.Random(seed)
+
+    def response():
+        return " " + words(rng, lognormal_length(rng, RESPONSE_MEDIAN, RESPONSE_MAX) - 1)
+
+    pairs = [{"prompt": words(rng, lognormal_length(rng, PROMPT_MEDIAN, PROMPT_MAX) - 1), "chosen": response(),
+              "rejected": response()} for _ in range(N_PAIRS)]
+    write_data(out_dir, pairs)
+
+
 def build(out_dir):
     """The model in out_dir/model and the data files in out_dir, unless already there."""
     model_dir = os.path.join(out_dir, "model")
@@ -72,4 +101,7 @@ def build(out_dir):
         os.makedirs(model_dir, exist_ok=True)
         build_model(model_dir)
         build_data(out_dir)
+    if not os.path.exists(os.path.join(out_dir, "realistic", "pairs.jsonl")):
+        os.makedirs(os.path.join(out_dir, "realistic"), exist_ok=True)
+        build_realistic_data(os.path.join(out_dir, "realistic"))
     return model_dir

@@ -152,12 +152,12 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     assert torch.equal(has_eos, batch["labels"].gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)
                        == tokenizer.eos_token_id)
     # the update's forward scores the same log-probs
-    logps, _ = ppo.policy_logps(policy, batch, args.temperature)
+    logps, _ = common.logps_and_entropy(policy, batch, args.temperature)
     torch.testing.assert_close(logps, old["old_logps"], atol=1e-6, rtol=0)
 
 
 def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
-    # bf16 at T = 0.7 (CUDA's default dtype, on CPU here): the update's first forward (policy_logps, train mode)
+    # bf16 at T = 0.7 (CUDA's default dtype, on CPU here): the update's first forward (logps_and_entropy, train mode)
     # must score the rollout's old_logps exactly, so that the first ratio exp(logp - old_logp) is 1
     from transformers import AutoModel
 
@@ -172,7 +172,7 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
     batch, _, old = ppo.rollout(policy, policy, value_model, value_model, common.tokenize(rows, tokenizer, 64, ()),
                                 tokenizer, args, CPU)
     assert policy.training  # rollout hands the policy back in train mode, as the update uses it
-    logps, _ = ppo.policy_logps(policy, batch, args.temperature)
+    logps, _ = common.logps_and_entropy(policy, batch, args.temperature)
     mask = batch["labels"] != -100
     assert mask.sum() > 6 and logps.dtype == old["old_logps"].dtype == torch.float32
     torch.testing.assert_close(logps[mask], old["old_logps"][mask], atol=1e-6, rtol=0)

@@ -1,0 +1,208 @@
+"""Padding-free batches: common.pack's layout by hand, packed == padded for every script's forwards
+(lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+import common
+import dpo
+import kto
+import ppo
+import rm
+
+VOCAB = 300
+CPU = torch.device("cpu")
+
+
+def tiny_config():
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config())
+
+
+def tokens(n, offset):
+    return [(offset + 7 * i) % (VOCAB - 3) + 3 for i in range(n)]
+
+
+# pairs with very different lengths: a 1-token prompt, 1-token completions, a 40 + 20 token pair
+PAIRS = [dict(prompt=tokens(p, 11 * i), chosen=tokens(c, 13 * i + 1), rejected=tokens(r, 17 * i + 2))
+         for i, (p, c, r) in enumerate([(1, 1, 5), (40, 20, 1), (6, 3, 9), (2, 12, 2)])]
+SINGLE = [dict(prompt=e["prompt"], completion=e[k], label=k == "chosen") for e in PAIRS for k in ("chosen", "rejected")]
+
+
+@pytest.fixture
+def layout(monkeypatch):
+    """layout(fn, *args): fn's outputs padded, then packed, with their gradients as a second forward."""
+    def run(fn, *args):
+        results = []
+        for packed in (False, True):
+            monkeypatch.setattr(common, "PADDING_FREE", packed)
+            results.append(fn(*args))
+        return results
+    return run
+
+
+def test_pack_layout_by_hand():
+    # lengths (prompt + completion): 3 + 2 = 5, 1 + 1 = 2, 2 + 4 = 6; the padded width W = 3 + 4 = 7
+    batch = common.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, CPU)
+    packed = common.pack(batch)
+    # first fit by decreasing length into rows of at most 7: row 0 = seq 2 (6), row 1 = seq 0 (5) + seq 1 (2)
+    assert packed["input_ids"].tolist() == [[9, 10, 14, 15, 16, 17, 0], [5, 6, 7, 11, 12, 8, 13]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 4, 0, 1]]
+    # row 1 of the padded batch is [pad pad 8 13 pad pad pad]: 8 and 13 sit at flat positions 7+5 and 7+6
+    assert packed["index"].tolist() == [[7, 8, 9, 10, 11, -1, -1], [-1, -1, 12, 13, -1, -1, -1],
+                                        [-1, 0, 1, 2, 3, 4, 5]]
+    # what transformers makes of it: three sequences and a filler, never one across a boundary
+    from transformers.masking_utils import find_packed_sequence_indices
+    assert find_packed_sequence_indices(packed["position_ids"]).tolist() == [[0] * 6 + [1], [0] * 5 + [1, 1]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_rows_never_exceed_the_padded_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 12, (1,), generator=g))
+    prompts = [[3] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
+    completions = [[4] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
+    batch = common.collate(prompts, completions, 0, CPU)
+    (B, W), (R, T) = batch["input_ids"].shape, common.pack(batch)["input_ids"].shape
+    assert R <= B and T <= W and R * T * T <= B * W * W  # activations and the (T x T) mask
+    assert (common.pack(batch)["index"] >= 0).sum() == batch["attention_mask"].sum()  # every token once
+
+
+def values_and_grads(model, fn):
+    model.zero_grad()
+    out = fn()
+    (out * torch.arange(1.0, 1.0 + out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(padded, packed):
+    (a, a_grads), (b, b_grads) = padded, packed
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert a_grads.keys() == b_grads.keys()
+    for name in a_grads:
+        assert (b_grads[name] - a_grads[name]).abs().max() <= 1e-5 * max(1.0, a_grads[name].abs().max()), name
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature):
+    """sft (collate_single), dpo, ld_dpo, simpo, orpo (collate_pairs): training forwards with gradients."""
+    model = tiny_llama()
+    for batch in (common.collate_single(SINGLE, 0, CPU), common.collate_pairs(PAIRS, 0, CPU)):
+        padded, packed = layout(values_and_grads, model, lambda: common.token_logps(model, batch, temperature))
+        assert (padded[0][batch["labels"] != -100] < 0).all()
+        assert_same(padded, packed)
+
+
+def test_reference_forwards_packed_equal_padded(layout):
+    """dpo/ld_dpo's reference and precompute_ref (no grad), kto's matched and mismatched halves."""
+    reference = common.frozen(tiny_llama(1))
+    pairs = common.collate_pairs(PAIRS, 0, CPU)
+    with torch.no_grad():
+        padded, packed = layout(common.token_logps, reference, pairs)
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+        batch = kto.collate_with_mismatched(SINGLE, 0, CPU)
+        for rows in (batch, kto.rows_slice(batch, len(SINGLE), None)):
+            padded, packed = layout(lambda b: common.sequence_logps(reference, b)[0], rows)
+            torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    model = tiny_llama()  # and kto's trained forward, on the matched half
+    padded, packed = layout(values_and_grads, model, lambda: common.sequence_logps(
+        model, kto.rows_slice(batch, 0, len(SINGLE)))[0])
+    assert_same(padded, packed)
+
+
+def reward_model(seed=2):
+    torch.manual_seed(seed)
+    model = rm.RewardModel(LlamaModel(tiny_config()))
+    torch.nn.init.normal_(model.value_head.weight)
+    return model
+
+
+def test_reward_and_value_forwards_packed_equal_padded(layout):
+    """rm.py's last-token rewards (trained) and ppo's per-token values (trained) and scores."""
+    model, batch = reward_model(), common.collate_pairs(PAIRS, 0, CPU)
+    assert_same(*layout(values_and_grads, model, lambda: rm.last_token_rewards(model, batch)))
+    mask = batch["labels"] != -100  # values on padding are never read (ppo masks them)
+    assert_same(*layout(values_and_grads, model, lambda: ppo.token_values(model, batch) * mask))
+
+
+def test_ppo_policy_forwards_packed_equal_padded(layout):
+    """ppo.py: the trained policy's log-probs and entropies, the rollout's old and reference log-probs."""
+    policy, batch = tiny_llama(), common.collate_single(SINGLE, 0, CPU)
+    padded, packed = layout(values_and_grads, policy, lambda: common.logps_and_entropy(policy, batch, 0.7)[0])
+    assert_same(padded, packed)
+    with torch.no_grad():
+        padded, packed = layout(common.logps_and_entropy, policy, batch, 0.7)
+        torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-5)  # entropies
+        torch.testing.assert_close(packed[0], common.token_logps(policy, batch, 0.7), rtol=0, atol=1e-5)
+
+
+class IgnoresPositions(LlamaForCausalLM):
+    """Attention that ignores position_ids: without a mask, packed sequences would see each other."""
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_start_up_check_packs_a_good_model_and_falls_back_for_one_that_ignores_positions(capsys):
+    good = tiny_llama()
+    bad = IgnoresPositions(good.config)
+    bad.load_state_dict(good.state_dict())
+    assert common.packs(good) and capsys.readouterr().err == ""
+    assert not common.packs(bad)
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and "IgnoresPositions pads its batches" in notice
+    assert not common.packs(bad) and capsys.readouterr().err == ""  # checked once
+    batch = common.collate_pairs(PAIRS, 0, CPU)
+    with torch.no_grad():  # padded (fallback) scores equal the model scored padded; forced packing would not
+        fallback = common.token_logps(bad, batch)
+        torch.testing.assert_close(fallback, common.token_logps(good, batch), rtol=0, atol=1e-5)
+        common.PADDING_FREE = True
+        try:
+            forced = common.token_logps(bad, batch)
+        finally:
+            common.PADDING_FREE = None
+    assert (forced - fallback).abs().max() > 1e-2
+
+
+def test_flags_force_either_layout():
+    parser = common.base_parser("x", data="d")
+    assert [parser.parse_args(a).padding_free for a in ([], ["--padding_free"], ["--no-padding_free"])] == \
+        [None, True, False]
+
+
+def metrics(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("script, rows", [
+    (dpo, [dict(prompt="tell me about " + "cat " * (i % 3 * 9), chosen="dog " * (1 + i % 4 * 7),
+                rejected="red") for i in range(8)]),
+    (kto, [dict(prompt="tell me about" + " fig" * (i % 5 * 6), completion="apple " * (1 + i % 3 * 10),
+                label=i % 2 == 0) for i in range(8)])])
+def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    packed_batches, pack = [], common.pack
+    monkeypatch.setattr(common, "pack", lambda batch: packed_batches.append(1) or pack(batch))
+    runs = []
+    for flag in ("--padding_free", "--no-padding_free"):
+        out = str(tmp_path / flag)
+        script.main(["--model", tiny_model, "--data", str(data), "--batch_size", "4", "--max_steps", "3",
+                     "--log_every", "1", "--output_dir", out, flag])
+        runs.append(metrics(out))
+        packed_batches.append(flag)
+    assert packed_batches.index("--padding_free") >= 6 and packed_batches[-2] == "--padding_free"  # only it packs
+    for packed, padded in zip(*runs):
+        for key in ("loss", "rewards/chosen", "logps/chosen", "grad_norm"):
+            if key in padded:
+                assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
+        assert packed["tokens/s"] > 0
