@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -159,7 +160,7 @@ def main(argv=None):
     optimizer, scheduler = common.make_optimizer(model, args)
     toy = is_toy(args)
     n_global = args.batch_size * args.grad_accum * common.world()
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
     logger = common.Logger(args, start)
@@ -209,7 +210,7 @@ def main(argv=None):
         logger.bar.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

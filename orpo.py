@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -89,7 +90,7 @@ def main(argv=None):
         heldout = common.tokenize(heldout[common.rank()::common.world()], tokenizer, args.max_length, fields)
         heldout_batch = common.collate_pairs(heldout, pad_id, device)
 
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
     logger = common.Logger(args, start)
@@ -131,7 +132,7 @@ def main(argv=None):
         logger.bar.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

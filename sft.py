@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -46,7 +47,7 @@ def main(argv=None):
     examples = common.tokenize(rows, tokenizer, args.max_length, ("completion",))
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
     toy = is_toy(args)
 
@@ -76,7 +77,7 @@ def main(argv=None):
         logger.bar.update()
         state.end_step(step, loss=total, grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

@@ -49,8 +49,15 @@ def rows(out):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("tokens/s")} for line in f]
 
 
+def model_weights(directory):
+    """The model's tensors: model.safetensors (one process) or model-0000k-of-0000n.safetensors (one per rank)."""
+    files = [n for n in os.listdir(directory) if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
+    assert files, f"no weights in {directory}"
+    return {k: v for n in files for k, v in load_file(os.path.join(directory, n)).items()}
+
+
 def same_weights(dir_a, dir_b):
-    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    a, b = model_weights(dir_a), model_weights(dir_b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -112,16 +119,16 @@ KILLED_WHILE_SAVING = """
 import os, signal, sys
 import safetensors.torch
 
-real_save_file = safetensors.torch.save_file
+real_save = safetensors.torch.save  # what DCP's writer serializes each rank's shards with
 
 
-def save_file(tensors, path, *args, **kwargs):
-    if path.endswith("checkpoint-4.tmp/optimizer.safetensors"):  # the model files of checkpoint-4 are written
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save_file(tensors, path, *args, **kwargs)
+def save(tensors, *args, **kwargs):
+    if any(key.endswith("exp_avg") for key in tensors) and os.path.exists("{out}/checkpoint-2"):
+        os.kill(os.getpid(), signal.SIGKILL)  # checkpoint-4's optimizer state: its model files are written
+    return real_save(tensors, *args, **kwargs)
 
 
-safetensors.torch.save_file = save_file
+safetensors.torch.save = save
 sys.argv[0] = "sft.py"
 import common, sft
 common.run(sft.main)
@@ -133,8 +140,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, straight, tmp_path
 
     out = str(tmp_path)
     flags = FLAGS + ["--data", data, "--output_dir", out, "--save_every", "2"]
-    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING.replace("{out}", out), *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
     assert "model.safetensors" in os.listdir(os.path.join(out, "checkpoint-4.tmp"))  # killed half-way
@@ -206,8 +213,10 @@ def test_distributed_resume(data, tmp_path):
              "--log_every", "1", "--lr", "3e-3", "--save_every", "2", "--save_total_limit", "3"]
     torchrun(*flags)
     os.makedirs(reference)
-    for name in ("model.safetensors", "metrics.jsonl"):
-        shutil.copy(os.path.join(out, name), os.path.join(reference, name))
+    assert "model-00002-of-00002.safetensors" in os.listdir(out)  # each rank wrote one file of the final model
+    for name in os.listdir(out):
+        if name.startswith("model") or name == "metrics.jsonl":
+            shutil.copy(os.path.join(out, name), os.path.join(reference, name))
     with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
         assert json.load(f)["args"]["world_size"] == 2
     os.rename(os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-4.tmp"))  # as if killed saving it
@@ -217,7 +226,8 @@ def test_distributed_resume(data, tmp_path):
     assert same_weights(reference, out)
     assert rows(out) == rows(reference)
 
-    with pytest.raises(common.UserError, match="written with world_size=2, this run has world_size=1"):
+    with pytest.raises(common.UserError, match=r"written with a global batch of 4 \(batch_size x grad_accum x ranks "
+                                               r"= 2 x 1 x 2\), this run has 2 x 1 x 1 = 2; resume with the same"):
         sft.main(flags + ["--resume"])
 
 
