@@ -26,9 +26,9 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint._consolidate_hf_safetensors import _consolidate_safetensors_files
@@ -38,10 +38,8 @@ from tqdm import tqdm
 
 from common import UserError, all_sum, barrier, micro_batches, rank, world
 
-
-def single():
-    """No process group: DCP then reads and writes without collectives (and says nothing about it)."""
-    return not dist.is_initialized()
+# DCP says so at every save and load of a run without torchrun; one process is a supported setup here
+warnings.filterwarnings("ignore", "torch.distributed is (disabled, )?unavailable or uninitialized", UserWarning)
 
 
 def fsync(path):
@@ -92,7 +90,7 @@ def write_weights(module, directory, name):
     its shards with DCP, then rebuilds its one output file from everybody's shards, one full tensor in
     memory at a time; the shards are then deleted."""
     state, shards = weights(module), os.path.join(directory, f"{name}.shards")
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(shards, save_distributed=True), no_dist=single())
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(shards, save_distributed=True))
     files = file_names(state, name)
     mine = sorted(set(files.values()))[rank():rank() + 1]
     if mine:
@@ -112,7 +110,7 @@ def read_weights(module, directory, name):
     reader = HuggingFaceStorageReader(directory)  # safetensors headers and slices: no pickle, no torch.load
     pattern, ls = re.compile(rf"{re.escape(name)}(-\d{{5}}-of-\d{{5}})?\.safetensors"), reader.fs.ls
     reader.fs.ls = lambda path: [p for p in ls(path) if pattern.fullmatch(os.path.basename(p))]  # NAME's files only
-    dcp.load(weights(module), storage_reader=reader, no_dist=single())
+    dcp.load(weights(module), storage_reader=reader)
 
 
 def write_pretrained(model, tokenizer, directory, **modules):
@@ -194,7 +192,7 @@ class TrainState:
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
                 state = get_optimizer_state_dict(self.owner, part)["state"]  # allocated here, sharded like the params
-                dcp.load(state, storage_reader=HuggingFaceStorageReader(f"{path}/{name}"), no_dist=single())
+                dcp.load(state, storage_reader=HuggingFaceStorageReader(f"{path}/{name}"))
                 set_optimizer_state_dict(self.owner, part, {"state": state, "param_groups": saved["state"][name]})
             elif not isinstance(part, torch.nn.Module):
                 part.load_state_dict(saved["state"][name])
@@ -256,7 +254,7 @@ class TrainState:
             if isinstance(part, torch.optim.Optimizer):  # each rank its own shards of the moments
                 state = get_optimizer_state_dict(self.owner, part)
                 writer = HuggingFaceStorageWriter(f"{tmp}/{name}", save_distributed=True)
-                dcp.save(state["state"], storage_writer=writer, no_dist=single())
+                dcp.save(state["state"], storage_writer=writer)
                 saved["state"][name] = state["param_groups"]
             elif not isinstance(part, torch.nn.Module):
                 saved["state"][name] = part.state_dict()

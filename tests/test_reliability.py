@@ -6,6 +6,7 @@ The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends
 """
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -83,7 +84,13 @@ def test_exact_resume_after_preemption(data, straight, tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]  # stopped after step 3, no final model
     monkeypatch.undo()
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("resuming unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)  # a checkpoint someone hands you cannot run code
     sft.main(FLAGS + ["--data", data, "--output_dir", out, "--resume"])
+    monkeypatch.undo()
     assert same_weights(straight, out)  # bit for bit
     assert rows(out) == rows(straight)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]  # appended, nothing twice
@@ -229,6 +236,53 @@ def test_distributed_resume(data, tmp_path):
     with pytest.raises(common.UserError, match=r"written with a global batch of 4 \(batch_size x grad_accum x ranks "
                                                r"= 2 x 1 x 2\), this run has 2 x 1 x 1 = 2; resume with the same"):
         sft.main(flags + ["--resume"])
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory, tiny_model):
+    """The tiny model with tie_word_embeddings=True, as save_pretrained writes it in one process."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tied"))
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return path
+
+
+def max_difference(dir_a, dir_b):
+    a, b = model_weights(dir_a), model_weights(dir_b)
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_resume_on_another_number_of_ranks(data, tied_model, tmp_path):
+    """2 ranks -> 1 process and 1 -> 2 with the same global batch (2 x 2 = 4 x 1) reach the straight runs' weights.
+    The model ties its embeddings: every save, sharded or not, holds the keys save_pretrained writes."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--model", tied_model, "--data", data, "--max_steps", "4", "--max_length", "64", "--log_every", "1",
+             "--lr", "3e-3", "--save_every", "2"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    torchrun(*flags, "--batch_size", "2", "--output_dir", two)
+    sft.main(flags + ["--batch_size", "4", "--output_dir", one])
+    expected = set(load_file(os.path.join(tied_model, "model.safetensors")))
+    assert "lm_head.weight" not in expected  # save_pretrained keeps a tied weight once
+    for directory in (two, os.path.join(two, "checkpoint-2"), one, os.path.join(one, "checkpoint-2")):
+        assert set(model_weights(directory)) == expected, directory
+
+    two_to_one, one_to_two = str(tmp_path / "two_to_one"), str(tmp_path / "one_to_two")
+    shutil.copytree(os.path.join(two, "checkpoint-2"), os.path.join(two_to_one, "checkpoint-2"))
+    shutil.copytree(os.path.join(one, "checkpoint-2"), os.path.join(one_to_two, "checkpoint-2"))
+    sft.main(flags + ["--batch_size", "4", "--output_dir", two_to_one, "--resume"])
+    torchrun(*flags, "--batch_size", "2", "--output_dir", one_to_two, "--resume")
+    for resumed in (two_to_one, one_to_two):
+        assert [r["step"] for r in rows(resumed)] == [3, 4]
+        assert max_difference(resumed, one) < 1e-6 and max_difference(resumed, two) < 1e-6
+    model = AutoModelForCausalLM.from_pretrained(one_to_two)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 # ---------------------------------------------------------------- rm.py and ppo.py
