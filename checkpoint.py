@@ -90,7 +90,9 @@ def write_weights(module, directory, name):
     its shards with DCP, then rebuilds its one output file from everybody's shards, one full tensor in
     memory at a time; the shards are then deleted."""
     state, shards = weights(module), os.path.join(directory, f"{name}.shards")
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(shards, save_distributed=True))
+    writer = HuggingFaceStorageWriter(shards, save_distributed=True)
+    writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt file is fsynced
+    dcp.save(state, storage_writer=writer)
     files = file_names(state, name)
     mine = sorted(set(files.values()))[rank():rank() + 1]
     if mine:
@@ -186,7 +188,7 @@ class TrainState:
         path = found[-1]
         with open(f"{path}/trainer_state.json") as f:
             saved = json.load(f)
-        self.check_data_order(path, saved["args"])
+        self.check(path, saved["args"])
         for name, module in {"model": self.model, **self.modules}.items():
             read_weights(module, path, name)
         for name, part in self.parts.items():
@@ -210,8 +212,13 @@ class TrainState:
             print(f"resuming from {path}", file=sys.stderr)
         return saved["step"]
 
-    def check_data_order(self, path, saved):
-        """The data order is a function of the step, the seed and the global batch: refuse to change the last two."""
+    def check(self, path, saved):
+        """Refuse a checkpoint of another layout, or a change of the seed or the global batch: with the step,
+        they fix the data order."""
+        for name, part in self.parts.items():
+            if isinstance(part, torch.optim.Optimizer) and not os.path.isdir(f"{path}/{name}"):
+                raise UserError(f"{path} has no {name}/ folder of optimizer shards (an older layout?); resume it with "
+                                "the version that wrote it, or start afresh in another --output_dir")
         if saved["seed"] != self.args.seed:
             raise UserError(f"{path} was written with seed={saved['seed']}, this run has seed={self.args.seed}; "
                             "resume with the same value")

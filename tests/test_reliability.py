@@ -120,6 +120,9 @@ def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_pat
     monkeypatch.undo()
     with pytest.raises(common.UserError, match="checkpoint-1 exists: pass --resume to continue that run"):
         sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path)])
+    shutil.rmtree(tmp_path / "checkpoint-1" / "optimizer")  # as main's layout had it: optimizer.safetensors
+    with pytest.raises(common.UserError, match="checkpoint-1 has no optimizer/ folder of optimizer shards"):
+        sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--resume"])
 
 
 KILLED_WHILE_SAVING = """
