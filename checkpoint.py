@@ -13,6 +13,9 @@ Hugging Face storage writer; nothing is gathered on one rank. output_dir/checkpo
     trainer_state.json                                         step, flags, world size, schedules, optimizer settings
     rng-RANK.json                                              each rank's RNG states
 
+The final model (save_model) is written the same way, in save_pretrained's files: one model.safetensors
+up to 50 GB, rebuilt by rank 0 from the shards.
+
 Nothing is pickled: tensors are safetensors, whose headers and DCP's offsets in them are JSON, and DCP's
 HF reader builds its metadata from those headers, so a checkpoint someone hands you cannot run code.
 That reader also cuts each rank's shard out of whatever files hold it, so a run may resume on another
@@ -73,9 +76,9 @@ def weights(module):
     return state
 
 
-def file_names(state, name):
-    """Key -> file: the keys in order, cut into one file per rank of about equal bytes (NAME.safetensors if one)."""
-    n = min(world(), len(state))
+def file_names(state, name, n):
+    """Key -> file: the keys in order, cut into n files of about equal bytes (NAME.safetensors if one)."""
+    n = max(1, min(n, len(state)))
     sizes = [t.numel() * t.element_size() for t in state.values()]  # a DTensor's numel is the full tensor's
     total, done, files = max(sum(sizes), 1), 0, {}
     for key, size in zip(state, sizes):
@@ -85,21 +88,24 @@ def file_names(state, name):
     return files
 
 
-def write_weights(module, directory, name):
-    """`module`'s full weights as directory/NAME*.safetensors (every rank must call this). Each rank writes
-    its shards with DCP, then rebuilds its one output file from everybody's shards, one full tensor in
-    memory at a time; the shards are then deleted."""
+def write_weights(module, directory, name, per_rank):
+    """`module`'s full weights as directory/NAME*.safetensors (every rank must call this): one file per rank
+    (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
+    writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in memory
+    at a time; the shards are then deleted."""
     state, shards = weights(module), os.path.join(directory, f"{name}.shards")
     writer = HuggingFaceStorageWriter(shards, save_distributed=True)
-    writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt file is fsynced
+    writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt files are fsynced
     dcp.save(state, storage_writer=writer)
-    files = file_names(state, name)
-    mine = sorted(set(files.values()))[rank():rank() + 1]
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    files = file_names(state, name, world() if per_rank else math.ceil(total / 50e9))
+    names = sorted(set(files.values()))
+    mine = names[rank()::world()]
     if mine:
         _consolidate_safetensors_files(shards, directory, {k: f for k, f in files.items() if f in mine}, 1)
-        fsync(os.path.join(directory, mine[0]))
-    if rank() == 0 and len(set(files.values())) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        for file in mine:
+            fsync(os.path.join(directory, file))
+    if rank() == 0 and len(names) > 1:
         with open(os.path.join(directory, f"{name}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": files}, f, indent=2)
     barrier()
@@ -115,9 +121,9 @@ def read_weights(module, directory, name):
     dcp.load(weights(module), storage_reader=reader)
 
 
-def write_pretrained(model, tokenizer, directory, **modules):
+def write_pretrained(model, tokenizer, directory, per_rank, **modules):
     """config, generation config and tokenizer (rank 0), the weights of `model` and of each of `modules`
-    as NAME.safetensors (every rank) into `directory`."""
+    as NAME.safetensors (every rank) into `directory`; see write_weights for `per_rank`."""
     if rank() == 0:
         os.makedirs(directory, exist_ok=True)
         model.config.architectures = [unwrapped_class(model).__name__]
@@ -127,7 +133,7 @@ def write_pretrained(model, tokenizer, directory, **modules):
             model.generation_config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     for name, module in {"model": model, **modules}.items():
-        write_weights(module, directory, name)
+        write_weights(module, directory, name, per_rank)
 
 
 def save_model(model, tokenizer, out_dir, **modules):
@@ -141,7 +147,7 @@ def save_model(model, tokenizer, out_dir, **modules):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    write_pretrained(model, tokenizer, tmp, **modules)
+    write_pretrained(model, tokenizer, tmp, False, **modules)
     if rank() == 0:
         fsync_dir(tmp)
         os.makedirs(out_dir, exist_ok=True)
@@ -256,7 +262,7 @@ class TrainState:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         barrier()
-        write_pretrained(self.model, self.tokenizer, tmp, **self.modules)
+        write_pretrained(self.model, self.tokenizer, tmp, True, **self.modules)
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):  # each rank its own shards of the moments
                 state = get_optimizer_state_dict(self.owner, part)
