@@ -1,4 +1,4 @@
-"""What every script needs and none of them is about: log-probs, data, models, FSDP2, checkpoints, resume.
+"""What every script needs and none of them is about: log-probs, data, models, FSDP2 (checkpoints: checkpoint.py).
 
 Batch layout (all collators): each row is [left padding | prompt | completion | right padding],
 with every completion starting at the same column P. `labels` holds only the completion
@@ -25,8 +25,6 @@ import math
 import os
 import random
 import re
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -890,6 +888,11 @@ def position_outputs(model, batch):
     return unpack(forward_outputs(model, packed["input_ids"], None, packed["position_ids"]), packed["index"])
 
 
+def unwrapped_class(model):
+    """The model's own class: fully_shard swaps in a subclass FSDP<Name>(FSDPModule, <Name>)."""
+    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+
+
 def packs(model):
     """Whether `model`'s forwards use the packed layout: as forced by --(no-)padding_free, else its packing_check."""
     if PADDING_FREE is not None:
@@ -953,7 +956,7 @@ def micro_batches(examples, step, args):
             for m in range(args.grad_accum)]
 
 
-# ---------------------------------------------------------------- logging, checkpoints
+# ---------------------------------------------------------------- logging
 
 def heldout_chunks(examples, batch_size):
     """This rank's share of held-out examples in chunks of up to batch_size, the same number of chunks on
@@ -1044,216 +1047,3 @@ class Logger:
                   f"{self.args.max_steps - self.start} steps in {seconds:.0f} s, "
                   f"{self.total_tokens / max(seconds, 1e-9):.0f} tokens/s", flush=True)
 
-
-def full_state_dict(model):
-    """The full, unsharded state dict on CPU (a collective under FSDP: every rank must call it)."""
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def retie_shared_weights(model, state):
-    """`state` with the names of one shared parameter (tied embeddings) pointing at one tensor again, as in
-    model.state_dict(). Under FSDP, get_model_state_dict gathers each name into a copy of its own, and
-    save_pretrained would then write the tied lm_head too: a save must hold what one process's holds."""
-    first_name = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first_name.setdefault(id(param), name) != name and name in state:
-            state[name] = state[first_name[id(param)]]
-    return state
-
-
-def shard_like(full, live):
-    """`full` placed like `live`: this rank's shard of it when `live` is an FSDP DTensor."""
-    if not hasattr(live, "device_mesh"):
-        return full.to(live.device)
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(live.device), live.device_mesh, live.placements)
-
-
-def load_full_state_dict(module, state):
-    """Copy a full state dict into `module` in place (into each rank's shard under FSDP)."""
-    with torch.no_grad():
-        for name, live in module.state_dict().items():
-            live.copy_(shard_like(state[name], live))
-
-
-def fsync_dir(path, files=True):
-    """fsync the files in `path` (if `files`), then `path` itself: a rename after this is durable."""
-    for p in [os.path.join(path, n) for n in os.listdir(path) if files] + [path]:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def unwrapped_class(model):
-    """The model's own class: fully_shard swaps in a subclass FSDP<Name>(FSDPModule, <Name>)."""
-    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-
-
-def save_checkpoint(model, tokenizer, out_dir, extra_files=None):
-    """A HF directory (config, model.safetensors, tokenizer) that never looks complete half-written.
-
-    Files go to `out_dir.tmp`, are fsynced, then moved in weights last, after any old weights are
-    removed: a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
-    `extra_files` maps a file name to a function that writes it (e.g. a value head).
-    """
-    state = retie_shared_weights(model, full_state_dict(model))
-    if rank() == 0:
-        tmp = out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.config.architectures = [unwrapped_class(model).__name__]
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        for name, write in (extra_files or {}).items():
-            write(os.path.join(tmp, name))
-        fsync_dir(tmp)
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(out_dir):
-            if name.endswith((".safetensors", ".safetensors.index.json")):
-                os.remove(os.path.join(out_dir, name))
-        for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):  # weights last
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        os.rmdir(tmp)
-    barrier()
-
-
-class TrainState:
-    """Checkpoints around one training loop: --resume, --save_every, SIGTERM and the NaN guard.
-
-    output_dir/checkpoint-N holds `model` as a HF directory (from_pretrained loads it), each module of
-    `extra` as NAME.safetensors, the optimizers' tensors in optimizer.safetensors, the rest (step, flags,
-    scheduler and optimizer settings) in trainer_state.json and each rank's RNG states in rng-RANK.json.
-    `extra` names more to save and restore: modules, optimizers, anything with state_dict().
-    """
-
-    def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, **extra):
-        micro_batches(examples, 0, args)  # too little data fails now, before anything is written
-        self.args, self.tokenizer, self.model, self.stop = args, tokenizer, model, False
-        self.parts = {"optimizer": optimizer, "scheduler": scheduler, **extra}
-
-    def checkpoints(self):
-        """This run's checkpoints in --output_dir, oldest first (a half-written one ends in .tmp)."""
-        out = self.args.output_dir
-        steps = sorted(int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else [])
-                       if re.fullmatch(r"checkpoint-\d+", n) and os.path.exists(f"{out}/{n}/trainer_state.json"))
-        return [os.path.join(out, f"checkpoint-{s}") for s in steps]
-
-    def resume(self):
-        """Restore the latest checkpoint under --resume; return the last step done (0: start afresh)."""
-        args, found = self.args, self.checkpoints()
-        if found and not args.resume:
-            if not args.overwrite_output_dir:
-                raise UserError(f"{found[-1]} exists: pass --resume to continue that run, --overwrite_output_dir to "
-                                "start afresh, or use another --output_dir")
-            if rank() == 0:  # a fresh run: the old run's checkpoints must never be resumed or rotated with its own
-                for old in found:
-                    shutil.rmtree(old)
-            barrier()
-            found = []
-        self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
-        if not found:
-            if args.resume and rank() == 0:
-                print(f"--resume: no checkpoint in {args.output_dir}; starting from step 0", file=sys.stderr)
-            return 0
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = found[-1]
-        with open(f"{path}/trainer_state.json") as f:
-            saved = json.load(f)
-        for name, now in (("world_size", world()), ("batch_size", args.batch_size),
-                          ("grad_accum", args.grad_accum), ("seed", args.seed)):  # they fix the data order
-            if saved["args"][name] != now:
-                raise UserError(f"{path} was written with {name}={saved['args'][name]}, this run has {name}={now}; "
-                                "resume with the same value")
-        load_full_state_dict(self.model, unwrapped_class(self.model).from_pretrained(
-            path, dtype=next(self.model.parameters()).dtype, trust_remote_code=args.trust_remote_code).state_dict())
-        for name, part in self.parts.items():
-            if isinstance(part, torch.nn.Module):
-                load_full_state_dict(part, load_file(f"{path}/{name}.safetensors"))
-            elif isinstance(part, torch.optim.Optimizer):
-                params, state = [p for group in part.param_groups for p in group["params"]], {}
-                with safe_open(f"{path}/optimizer.safetensors", "pt") as f:  # one full tensor in memory at a time
-                    for key in f.keys():
-                        owner, i, k = key.split("/")
-                        if owner == name:  # moments are sharded like their parameter, the step count is not
-                            t = f.get_tensor(key)
-                            state.setdefault(int(i), {})[k] = shard_like(t, params[int(i)]) if t.dim() else t
-                part.load_state_dict({"state": state, "param_groups": saved["state"][name]})
-            else:
-                part.load_state_dict(saved["state"][name])
-        with open(f"{path}/rng-{rank()}.json") as f:
-            rng = json.load(f)
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
-        if rank() == 0:
-            print(f"resuming from {path}", file=sys.stderr)
-        return saved["step"]
-
-    def end_step(self, step, **values):
-        """Call last in each step: stop on a NaN/inf value, checkpoint every --save_every steps or on SIGTERM."""
-        *totals, stop = all_sum([float(v) for v in values.values()] + [self.stop], next(self.model.parameters()).device)
-        for name, total in zip(values, totals):
-            if not math.isfinite(total):
-                signal.signal(signal.SIGTERM, self.previous_handler)
-                last = (self.checkpoints() or ["none (see --save_every)"])[-1]
-                raise UserError(f"step {step}: {name} is {total}; stopped without saving (the last good "
-                                f"checkpoint is {last}). Lower --lr or check the data")
-        if stop or (self.args.save_every and step % self.args.save_every == 0):
-            self.save(step)
-        if stop or step == self.args.max_steps:
-            signal.signal(signal.SIGTERM, self.previous_handler)
-        if stop:
-            if rank() == 0:
-                tqdm.write(f"SIGTERM: saved checkpoint-{step} in {self.args.output_dir}; run again with --resume to "
-                           "continue", file=sys.stderr)
-            sys.exit(0)
-
-    def save(self, step):
-        """Write checkpoint-{step}.tmp, fsync, rename it to checkpoint-{step}; then drop the oldest beyond the limit."""
-        from safetensors.torch import save_file
-
-        final = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        tmp, tensors, modules = final + ".tmp", {}, {}
-        saved = {"step": step, "args": {**vars(self.args), "world_size": world()}, "state": {}}
-        for name, part in self.parts.items():
-            if isinstance(part, torch.nn.Module):
-                modules[name] = full_state_dict(part)
-            elif isinstance(part, torch.optim.Optimizer):
-                sd = part.state_dict()
-                saved["state"][name] = sd["param_groups"]
-                for i, s in sd["state"].items():
-                    for k, v in s.items():
-                        v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
-                        if rank() == 0:  # the only rank that holds the full state
-                            tensors[f"{name}/{i}/{k}"] = v.cpu()
-            else:
-                saved["state"][name] = part.state_dict()
-        if rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        save_checkpoint(self.model, self.tokenizer, tmp)
-        if rank() == 0:
-            for name, state in modules.items():
-                save_file(state, f"{tmp}/{name}.safetensors")
-            save_file(tensors, f"{tmp}/optimizer.safetensors")
-            with open(f"{tmp}/trainer_state.json", "w") as f:
-                json.dump(saved, f)
-        with open(f"{tmp}/rng-{rank()}.json", "w") as f:
-            json.dump({"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
-                       "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}, f)
-        barrier()
-        if rank() == 0:
-            fsync_dir(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            fsync_dir(self.args.output_dir, files=False)
-            for old in self.checkpoints()[:-self.args.save_total_limit]:
-                os.rename(old, old + ".tmp")  # never a half-deleted checkpoint under a checkpoint's name
-                shutil.rmtree(old + ".tmp")
-        barrier()

@@ -38,6 +38,7 @@ import os
 
 import torch
 
+import checkpoint
 import common
 import rm
 from toy.eval import evaluate, is_toy
@@ -305,7 +306,7 @@ def main(argv=None):
     toy = is_toy(args)
 
     torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
-    state = common.TrainState(args, tokenizer, prompts, policy, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, prompts, policy, optimizer, scheduler)
     start = state.resume()
 
     def evaluation():
@@ -350,7 +351,7 @@ def main(argv=None):
         state.end_step(step, loss=loss, grad_norm=grad_norm)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
-    common.save_checkpoint(policy, tokenizer, args.output_dir)
+    checkpoint.save_model(policy, tokenizer, args.output_dir)
     logger.close()
 
 

@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -174,7 +175,7 @@ def main(argv=None):
             heldout_ref = [common.sequence_logps(reference, collate_with_mismatched(c, pad_id, device))[0]
                            for c in heldout]
     n_global = args.batch_size * args.grad_accum * common.world()
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
     def evaluation():
@@ -227,7 +228,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

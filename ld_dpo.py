@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -194,7 +195,7 @@ def main(argv=None):
         precompute_ref_logps(ref_model, examples, args, pad_id, device)
         ref_model = None
 
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
     def evaluation():
@@ -242,7 +243,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

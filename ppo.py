@@ -28,6 +28,7 @@ import os
 
 import torch
 
+import checkpoint
 import common
 import rm
 from toy.eval import evaluate, is_toy
@@ -258,8 +259,8 @@ def main(argv=None):
     toy = is_toy(args)
 
     torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
-    state = common.TrainState(per_rollout, tokenizer, prompts, policy, *optimizers[0], value=value_model,
-                              value_optimizer=optimizers[1][0], value_scheduler=optimizers[1][1])
+    state = checkpoint.TrainState(per_rollout, tokenizer, prompts, policy, *optimizers[0], value=value_model,
+                                  value_optimizer=optimizers[1][0], value_scheduler=optimizers[1][1])
     start = state.resume()
 
     def evaluation():
@@ -314,7 +315,7 @@ def main(argv=None):
         state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
-    common.save_checkpoint(policy, tokenizer, args.output_dir)
+    checkpoint.save_model(policy, tokenizer, args.output_dir)
     if args.save_value_model:
         rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"))
     logger.close()

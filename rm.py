@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import common
 
 HEAD_FILE = "value_head.safetensors"
@@ -76,11 +77,7 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
 
 def save_reward_model(model, tokenizer, out_dir):
     """The backbone as a HF directory and the head as value_head.safetensors (every rank must call this)."""
-    from safetensors.torch import save_file
-
-    head = common.full_state_dict(model.value_head)
-    common.save_checkpoint(model.backbone, tokenizer, out_dir,
-                           extra_files={HEAD_FILE: lambda path: save_file(head, path)})
+    checkpoint.save_model(model.backbone, tokenizer, out_dir, value_head=model.value_head)
 
 
 def parse_args(argv=None):
@@ -131,8 +128,8 @@ def main(argv=None):
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id = tokenizer.pad_token_id
     # checkpoint-N is rm's own format (backbone + value_head.safetensors): load_reward_model loads it
-    state = common.TrainState(args, tokenizer, examples, model.backbone, optimizer, scheduler,
-                              value_head=model.value_head)
+    state = checkpoint.TrainState(args, tokenizer, examples, model.backbone, optimizer, scheduler,
+                                  value_head=model.value_head)
     start = state.resume()
 
     logger = common.Logger(args, start)

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -65,7 +66,7 @@ def main(argv=None):
     heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
     toy = is_toy(args)
 
@@ -99,7 +100,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=total, grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

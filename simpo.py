@@ -31,6 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import common
 from toy.eval import evaluate, is_toy
 
@@ -129,7 +130,7 @@ def main(argv=None):
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
-    state = common.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
+    state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
     def evaluation():
@@ -172,7 +173,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    common.save_checkpoint(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir)
     logger.close()
 
 

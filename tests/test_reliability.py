@@ -6,6 +6,7 @@ The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends
 """
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -49,8 +50,15 @@ def rows(out):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("tokens/s")} for line in f]
 
 
+def model_weights(directory):
+    """The model's tensors: model.safetensors (one process) or model-0000k-of-0000n.safetensors (one per rank)."""
+    files = [n for n in os.listdir(directory) if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
+    assert files, f"no weights in {directory}"
+    return {k: v for n in files for k, v in load_file(os.path.join(directory, n)).items()}
+
+
 def same_weights(dir_a, dir_b):
-    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    a, b = model_weights(dir_a), model_weights(dir_b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -76,7 +84,13 @@ def test_exact_resume_after_preemption(data, straight, tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]  # stopped after step 3, no final model
     monkeypatch.undo()
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("resuming unpickled something")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)  # a checkpoint someone hands you cannot run code
     sft.main(FLAGS + ["--data", data, "--output_dir", out, "--resume"])
+    monkeypatch.undo()
     assert same_weights(straight, out)  # bit for bit
     assert rows(out) == rows(straight)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]  # appended, nothing twice
@@ -106,22 +120,25 @@ def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_pat
     monkeypatch.undo()
     with pytest.raises(common.UserError, match="checkpoint-1 exists: pass --resume to continue that run"):
         sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path)])
+    shutil.rmtree(tmp_path / "checkpoint-1" / "optimizer")  # as main's layout had it: optimizer.safetensors
+    with pytest.raises(common.UserError, match="checkpoint-1 has no optimizer/ folder of optimizer shards"):
+        sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--resume"])
 
 
 KILLED_WHILE_SAVING = """
 import os, signal, sys
 import safetensors.torch
 
-real_save_file = safetensors.torch.save_file
+real_save = safetensors.torch.save  # what DCP's writer serializes each rank's shards with
 
 
-def save_file(tensors, path, *args, **kwargs):
-    if path.endswith("checkpoint-4.tmp/optimizer.safetensors"):  # the model files of checkpoint-4 are written
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save_file(tensors, path, *args, **kwargs)
+def save(tensors, *args, **kwargs):
+    if any(key.endswith("exp_avg") for key in tensors) and os.path.exists("{out}/checkpoint-2"):
+        os.kill(os.getpid(), signal.SIGKILL)  # checkpoint-4's optimizer state: its model files are written
+    return real_save(tensors, *args, **kwargs)
 
 
-safetensors.torch.save_file = save_file
+safetensors.torch.save = save
 sys.argv[0] = "sft.py"
 import common, sft
 common.run(sft.main)
@@ -133,8 +150,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, straight, tmp_path
 
     out = str(tmp_path)
     flags = FLAGS + ["--data", data, "--output_dir", out, "--save_every", "2"]
-    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, *flags], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING.replace("{out}", out), *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp", "metrics.jsonl"]
     assert "model.safetensors" in os.listdir(os.path.join(out, "checkpoint-4.tmp"))  # killed half-way
@@ -206,8 +223,11 @@ def test_distributed_resume(data, tmp_path):
              "--log_every", "1", "--lr", "3e-3", "--save_every", "2", "--save_total_limit", "3"]
     torchrun(*flags)
     os.makedirs(reference)
-    for name in ("model.safetensors", "metrics.jsonl"):
-        shutil.copy(os.path.join(out, name), os.path.join(reference, name))
+    assert "model-00002-of-00002.safetensors" in os.listdir(os.path.join(out, "checkpoint-2"))  # one per rank
+    assert "model.safetensors" in os.listdir(out)  # the final model: one file below 50 GB, as save_pretrained
+    for name in os.listdir(out):
+        if name.startswith("model") or name == "metrics.jsonl":
+            shutil.copy(os.path.join(out, name), os.path.join(reference, name))
     with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
         assert json.load(f)["args"]["world_size"] == 2
     os.rename(os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-4.tmp"))  # as if killed saving it
@@ -217,8 +237,56 @@ def test_distributed_resume(data, tmp_path):
     assert same_weights(reference, out)
     assert rows(out) == rows(reference)
 
-    with pytest.raises(common.UserError, match="written with world_size=2, this run has world_size=1"):
+    with pytest.raises(common.UserError, match=r"written with a global batch of 4 \(batch_size x grad_accum x ranks "
+                                               r"= 2 x 1 x 2\), this run has 2 x 1 x 1 = 2; resume with the same"):
         sft.main(flags + ["--resume"])
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory, tiny_model):
+    """The tiny model with tie_word_embeddings=True, as save_pretrained writes it in one process."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tied"))
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(path)
+    return path
+
+
+def max_difference(dir_a, dir_b):
+    a, b = model_weights(dir_a), model_weights(dir_b)
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_resume_on_another_number_of_ranks(data, tied_model, tmp_path):
+    """2 ranks -> 1 process and 1 -> 2 with the same global batch (2 x 2 = 4 x 1) reach the straight runs' weights.
+    The model ties its embeddings: every save, sharded or not, holds the keys save_pretrained writes."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--model", tied_model, "--data", data, "--max_steps", "4", "--max_length", "64", "--log_every", "1",
+             "--lr", "3e-3", "--save_every", "2"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    torchrun(*flags, "--batch_size", "2", "--output_dir", two)
+    sft.main(flags + ["--batch_size", "4", "--output_dir", one])
+    expected = set(load_file(os.path.join(tied_model, "model.safetensors")))
+    assert "lm_head.weight" not in expected  # save_pretrained keeps a tied weight once
+    for directory in (two, os.path.join(two, "checkpoint-2"), one, os.path.join(one, "checkpoint-2")):
+        assert set(model_weights(directory)) == expected, directory
+
+    two_to_one, one_to_two = str(tmp_path / "two_to_one"), str(tmp_path / "one_to_two")
+    shutil.copytree(os.path.join(two, "checkpoint-2"), os.path.join(two_to_one, "checkpoint-2"))
+    shutil.copytree(os.path.join(one, "checkpoint-2"), os.path.join(one_to_two, "checkpoint-2"))
+    sft.main(flags + ["--batch_size", "4", "--output_dir", two_to_one, "--resume"])
+    torchrun(*flags, "--batch_size", "2", "--output_dir", one_to_two, "--resume")
+    for resumed in (two_to_one, one_to_two):
+        assert [r["step"] for r in rows(resumed)] == [3, 4]
+        assert max_difference(resumed, one) < 1e-6 and max_difference(resumed, two) < 1e-6
+    model = AutoModelForCausalLM.from_pretrained(one_to_two)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 # ---------------------------------------------------------------- rm.py and ppo.py

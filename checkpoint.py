@@ -1,0 +1,293 @@
+"""Checkpoints: the final Hugging Face save, and the resumable state around a training loop (--resume,
+--save_every, SIGTERM, the NaN guard).
+
+Every rank writes only its own shards, in parallel, with torch.distributed.checkpoint (DCP) and its
+Hugging Face storage writer; nothing is gathered on one rank. output_dir/checkpoint-N holds
+
+    config.json, generation_config.json, tokenizer files      as the final model has them
+    model.safetensors, or model-0000k-of-0000W.safetensors     the model, which from_pretrained loads:
+        and model.safetensors.index.json                       under W ranks, rank k-1 rebuilds file k
+                                                               from all the shards, a tensor at a time
+    NAME.safetensors (or NAME-0000k-of-0000W...)               each extra module (rm's value head, ppo's value model)
+    NAME/shard-0000r-model-00001-of-00001.safetensors          each optimizer's state: rank r-1's shards
+    trainer_state.json                                         step, flags, world size, schedules, optimizer settings
+    rng-RANK.json                                              each rank's RNG states
+
+The final model (save_model) is written the same way, in save_pretrained's files: one model.safetensors
+up to 50 GB, rebuilt by rank 0 from the shards.
+
+Nothing is pickled: tensors are safetensors, whose headers and DCP's offsets in them are JSON, and DCP's
+HF reader builds its metadata from those headers, so a checkpoint someone hands you cannot run code.
+That reader also cuts each rank's shard out of whatever files hold it, so a run may resume on another
+number of ranks when the global batch (batch_size x grad_accum x ranks) is the same.
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint._consolidate_hf_safetensors import _consolidate_safetensors_files
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm import tqdm
+
+from common import UserError, all_sum, barrier, micro_batches, rank, unwrapped_class, world
+
+# DCP says so at every save and load of a run without torchrun; one process is a supported setup here
+warnings.filterwarnings("ignore", "torch.distributed is (disabled, )?unavailable or uninitialized", UserWarning)
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def fsync_dir(path, files=True):
+    """fsync the files in `path` (if `files`), then `path` itself: a rename after this is durable."""
+    for p in [os.path.join(path, n) for n in os.listdir(path) if files] + [path]:
+        fsync(p)
+
+
+
+def weights(module):
+    """This rank's part of `module`'s state dict (its DTensor shards under FSDP2), with the keys save_pretrained
+    writes: a tied weight (tie_word_embeddings) once, under the name transformers keeps."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = get_model_state_dict(module)
+    if isinstance(module, PreTrainedModel):  # ties are the same Parameter under two names; shards never are
+        stand_in = {}
+        named = {k: stand_in.setdefault(id(p), torch.empty(1)) for k, p in module.state_dict(keep_vars=True).items()}
+        state = {k: state[k] for k in remove_tied_weights_from_state_dict(named, module)}
+    return state
+
+
+def file_names(state, name, n):
+    """Key -> file: the keys in order, cut into n files of about equal bytes (NAME.safetensors if one)."""
+    n = max(1, min(n, len(state)))
+    sizes = [t.numel() * t.element_size() for t in state.values()]  # a DTensor's numel is the full tensor's
+    total, done, files = max(sum(sizes), 1), 0, {}
+    for key, size in zip(state, sizes):
+        k = min(n - 1, (done + size // 2) * n // total)
+        files[key] = f"{name}.safetensors" if n == 1 else f"{name}-{k + 1:05d}-of-{n:05d}.safetensors"
+        done += size
+    return files
+
+
+def write_weights(module, directory, name, per_rank):
+    """`module`'s full weights as directory/NAME*.safetensors (every rank must call this): one file per rank
+    (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
+    writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in memory
+    at a time; the shards are then deleted."""
+    state, shards = weights(module), os.path.join(directory, f"{name}.shards")
+    writer = HuggingFaceStorageWriter(shards, save_distributed=True)
+    writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt files are fsynced
+    dcp.save(state, storage_writer=writer)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    files = file_names(state, name, world() if per_rank else math.ceil(total / 50e9))
+    names = sorted(set(files.values()))
+    mine = names[rank()::world()]
+    if mine:
+        _consolidate_safetensors_files(shards, directory, {k: f for k, f in files.items() if f in mine}, 1)
+        for file in mine:
+            fsync(os.path.join(directory, file))
+    if rank() == 0 and len(names) > 1:
+        with open(os.path.join(directory, f"{name}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": files}, f, indent=2)
+    barrier()
+    if rank() == 0:
+        shutil.rmtree(shards)
+
+
+def read_weights(module, directory, name):
+    """Load NAME*.safetensors from `directory` into `module` in place: each rank reads just its shard."""
+    reader = HuggingFaceStorageReader(directory)  # safetensors headers and slices: no pickle, no torch.load
+    pattern, ls = re.compile(rf"{re.escape(name)}(-\d{{5}}-of-\d{{5}})?\.safetensors"), reader.fs.ls
+    reader.fs.ls = lambda path: [p for p in ls(path) if pattern.fullmatch(os.path.basename(p))]  # NAME's files only
+    dcp.load(weights(module), storage_reader=reader)
+
+
+def write_pretrained(model, tokenizer, directory, per_rank, **modules):
+    """config, generation config and tokenizer (rank 0), the weights of `model` and of each of `modules`
+    as NAME.safetensors (every rank) into `directory`; see write_weights for `per_rank`."""
+    if rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        model.config.architectures = [unwrapped_class(model).__name__]
+        model.config.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
+        model.config.save_pretrained(directory)
+        if model.can_generate():
+            model.generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    for name, module in {"model": model, **modules}.items():
+        write_weights(module, directory, name, per_rank)
+
+
+def save_model(model, tokenizer, out_dir, **modules):
+    """A HF directory (config, weights, tokenizer) that never looks complete half-written (every rank must call
+    this). `modules` are saved beside the model as NAME.safetensors (e.g. rm.py's value head).
+
+    Files go to `out_dir.tmp`, are fsynced, then moved in weights last, after any old weights are removed:
+    a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
+    """
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    write_pretrained(model, tokenizer, tmp, False, **modules)
+    if rank() == 0:
+        fsync_dir(tmp)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):
+            if name.endswith((".safetensors", ".safetensors.index.json")):
+                os.remove(os.path.join(out_dir, name))
+        for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):  # weights last
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+class TrainState:
+    """Checkpoints around one training loop: --resume, --save_every, SIGTERM and the NaN guard.
+
+    `extra` names more to save and restore: modules (saved like the model, as NAME.safetensors), optimizers
+    (of the model or of those modules), anything else with a JSON-able state_dict() (schedulers).
+    """
+
+    def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, **extra):
+        micro_batches(examples, 0, args)  # too little data fails now, before anything is written
+        self.args, self.tokenizer, self.model, self.stop = args, tokenizer, model, False
+        self.parts = {"optimizer": optimizer, "scheduler": scheduler, **extra}
+        self.modules = {n: p for n, p in self.parts.items() if isinstance(p, torch.nn.Module)}
+        self.owner = torch.nn.ModuleDict({"model": model, **self.modules})  # names every optimized parameter
+
+    def checkpoints(self):
+        """This run's checkpoints in --output_dir, oldest first (a half-written one ends in .tmp)."""
+        out = self.args.output_dir
+        steps = sorted(int(n.split("-")[1]) for n in (os.listdir(out) if os.path.isdir(out) else [])
+                       if re.fullmatch(r"checkpoint-\d+", n) and os.path.exists(f"{out}/{n}/trainer_state.json"))
+        return [os.path.join(out, f"checkpoint-{s}") for s in steps]
+
+    def resume(self):
+        """Restore the latest checkpoint under --resume; return the last step done (0: start afresh)."""
+        args, found = self.args, self.checkpoints()
+        if found and not args.resume:
+            if not args.overwrite_output_dir:
+                raise UserError(f"{found[-1]} exists: pass --resume to continue that run, --overwrite_output_dir to "
+                                "start afresh, or use another --output_dir")
+            if rank() == 0:  # a fresh run: the old run's checkpoints must never be resumed or rotated with its own
+                for old in found:
+                    shutil.rmtree(old)
+            barrier()
+            found = []
+        self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+        if not found:
+            if args.resume and rank() == 0:
+                print(f"--resume: no checkpoint in {args.output_dir}; starting from step 0", file=sys.stderr)
+            return 0
+        path = found[-1]
+        with open(f"{path}/trainer_state.json") as f:
+            saved = json.load(f)
+        self.check(path, saved["args"])
+        for name, module in {"model": self.model, **self.modules}.items():
+            read_weights(module, path, name)
+        for name, part in self.parts.items():
+            if isinstance(part, torch.optim.Optimizer):
+                state = get_optimizer_state_dict(self.owner, part)["state"]  # allocated here, sharded like the params
+                dcp.load(state, storage_reader=HuggingFaceStorageReader(f"{path}/{name}"))
+                set_optimizer_state_dict(self.owner, part, {"state": state, "param_groups": saved["state"][name]})
+            elif not isinstance(part, torch.nn.Module):
+                part.load_state_dict(saved["state"][name])
+        if saved["args"]["world_size"] == world():
+            with open(f"{path}/rng-{rank()}.json") as f:
+                rng = json.load(f)
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+        else:  # no saved stream belongs to this rank: a new one, a function of (seed, step, rank)
+            random.seed(f"{args.seed}-{saved['step']}-{rank()}")
+            torch.manual_seed(random.getrandbits(63))
+        if rank() == 0:
+            print(f"resuming from {path}", file=sys.stderr)
+        return saved["step"]
+
+    def check(self, path, saved):
+        """Refuse a checkpoint of another layout, or a change of the seed or the global batch: with the step,
+        they fix the data order."""
+        for name, part in self.parts.items():
+            if isinstance(part, torch.optim.Optimizer) and not os.path.isdir(f"{path}/{name}"):
+                raise UserError(f"{path} has no {name}/ folder of optimizer shards (an older layout?); resume it with "
+                                "the version that wrote it, or start afresh in another --output_dir")
+        if saved["seed"] != self.args.seed:
+            raise UserError(f"{path} was written with seed={saved['seed']}, this run has seed={self.args.seed}; "
+                            "resume with the same value")
+        then = (saved["batch_size"], saved["grad_accum"], saved["world_size"])
+        now = (self.args.batch_size, self.args.grad_accum, world())
+        if math.prod(then) != math.prod(now):
+            raise UserError(f"{path} was written with a global batch of {math.prod(then)} (batch_size x grad_accum x "
+                            f"ranks = {' x '.join(map(str, then))}), this run has {' x '.join(map(str, now))} = "
+                            f"{math.prod(now)}; resume with the same global batch")
+
+    def end_step(self, step, **values):
+        """Call last in each step: stop on a NaN/inf value, checkpoint every --save_every steps or on SIGTERM."""
+        *totals, stop = all_sum([float(v) for v in values.values()] + [self.stop], next(self.model.parameters()).device)
+        for name, total in zip(values, totals):
+            if not math.isfinite(total):
+                signal.signal(signal.SIGTERM, self.previous_handler)
+                last = (self.checkpoints() or ["none (see --save_every)"])[-1]
+                raise UserError(f"step {step}: {name} is {total}; stopped without saving (the last good "
+                                f"checkpoint is {last}). Lower --lr or check the data")
+        if stop or (self.args.save_every and step % self.args.save_every == 0):
+            self.save(step)
+        if stop or step == self.args.max_steps:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+        if stop:
+            if rank() == 0:
+                tqdm.write(f"SIGTERM: saved checkpoint-{step} in {self.args.output_dir}; run again with --resume to "
+                           "continue", file=sys.stderr)
+            sys.exit(0)
+
+    def save(self, step):
+        """Write checkpoint-{step}.tmp, fsync, rename it to checkpoint-{step}; then drop the oldest beyond the limit."""
+        final = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        tmp = final + ".tmp"
+        saved = {"step": step, "args": {**vars(self.args), "world_size": world()}, "state": {}}
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        barrier()
+        write_pretrained(self.model, self.tokenizer, tmp, True, **self.modules)
+        for name, part in self.parts.items():
+            if isinstance(part, torch.optim.Optimizer):  # each rank its own shards of the moments
+                state = get_optimizer_state_dict(self.owner, part)
+                writer = HuggingFaceStorageWriter(f"{tmp}/{name}", save_distributed=True)
+                dcp.save(state["state"], storage_writer=writer)
+                saved["state"][name] = state["param_groups"]
+            elif not isinstance(part, torch.nn.Module):
+                saved["state"][name] = part.state_dict()
+        if rank() == 0:
+            with open(f"{tmp}/trainer_state.json", "w") as f:
+                json.dump(saved, f)
+        with open(f"{tmp}/rng-{rank()}.json", "w") as f:
+            json.dump({"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
+                       "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}, f)
+        fsync(f"{tmp}/rng-{rank()}.json")
+        barrier()
+        if rank() == 0:
+            fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            fsync_dir(self.args.output_dir, files=False)
+            for old in self.checkpoints()[:-self.args.save_total_limit]:
+                os.rename(old, old + ".tmp")  # never a half-deleted checkpoint under a checkpoint's name
+                shutil.rmtree(old + ".tmp")
+        barrier()
