@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from common import UserError, all_sum, barrier, micro_batches, rank, unwrapped_class, world
+from batching import micro_batches
+from common import UserError, all_sum, barrier, rank, unwrapped_class, world
 
 # DCP says so at every save and load of a run without torchrun; one process is a supported setup here
 warnings.filterwarnings("ignore", "torch.distributed is (disabled, )?unavailable or uninitialized", UserWarning)

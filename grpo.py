@@ -38,11 +38,14 @@ import os
 
 import torch
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 import rm
 from toy.eval import evaluate, is_toy
-from toy.task import HERE as TOY_DIR
+from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
 
 TOY_REWARD_FN = os.path.join(TOY_DIR, "rewards.py") + ":gold_reward"
 
@@ -97,26 +100,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_
     return loss, kl.detach(), low.float(), high.float()
 
 
-def completions_from(responses, eos_id):
-    """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
-    rows = responses.tolist()
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
-
-
-def set_sampling(policy, args, tokenizer):
-    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores.
-    The whole generation_config is replaced: a checkpoint's own defaults (top_k=50, a repetition
-    penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
-    from transformers import GenerationConfig
-
-    original = policy.generation_config
-    policy.generation_config = GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return original
-
-
 def load_reward_fn(spec):
     """`path/to/file.py:function` -> the function; its name labels its `rewards/<name>` metric."""
     path, _, name = spec.rpartition(":")
@@ -155,23 +138,23 @@ def generate(policy, prompts, tokenizer, args, device):
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     completions = []
     for i in range(0, len(prompts), size):
-        query = common.collate_prompts(prompts[i:i + size], pad_id, device)
+        query = batching.collate_prompts(prompts[i:i + size], pad_id, device)
         out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
                               synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-        completions += completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
+        completions += common.completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
     return completions
 
 
 @torch.no_grad()
 def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, device):
-    """Sample G responses per prompt, then score them. Returns the scoring batch (common.collate layout,
+    """Sample G responses per prompt, then score them. Returns the scoring batch (batching.collate layout,
     the G responses of a prompt in consecutive rows), has_eos (N,), rewards (N, sources) and, when
     needed, old_logps and ref_logps (N, C)."""
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     policy.eval()
     completions = generate(policy, expanded, tokenizer, args, device)
-    batch = common.collate([p["prompt"] for p in expanded], completions, pad_id, device)
+    batch = batching.collate([p["prompt"] for p in expanded], completions, pad_id, device)
     has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     rows = [p["row"] for p in expanded]
@@ -182,9 +165,9 @@ def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, dev
     for i in range(0, len(expanded), size):
         chunk = {k: v[i:i + size] for k, v in batch.items()}
         if args.num_iterations > 1:
-            parts["old_logps"].append(common.token_logps(policy, chunk, args.temperature))
+            parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
         if args.beta > 0:
-            parts["ref_logps"].append(common.token_logps(ref, chunk, args.temperature))
+            parts["ref_logps"].append(logprobs.token_logps(ref, chunk, args.temperature))
         if reward_model is not None:
             parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
     policy.train()
@@ -216,7 +199,7 @@ def grpo_update(policy, optimizer, scheduler, batch, old, advantages, args, devi
     for _ in range(args.num_iterations):
         for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
             mb, m = {k: v[rows] for k, v in batch.items()}, mask[rows]
-            logps, entropy = common.logps_and_entropy(policy, mb, args.temperature)
+            logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
             old_logps = old["old_logps"][rows] if args.num_iterations > 1 else logps.detach()
             loss, kl, low, high = grpo_loss(
                 logps, old_logps, old["ref_logps"][rows] if args.beta > 0 else None, advantages[rows], m,
@@ -230,7 +213,7 @@ def grpo_update(policy, optimizer, scheduler, batch, old, advantages, args, devi
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"), model=common.SFT_MODEL_DIR,
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "prompts.jsonl"), model=SFT_MODEL_DIR,
                            lr=1e-3, max_steps=100, batch_size=8, output_dir="out/grpo", real_lr="1e-6")
     p.add_argument("--reward_fn", action="append", default=[],
                    help="path/to/file.py:function, repeatable (default on the toy data: toy/rewards.py:gold_reward)")
@@ -273,6 +256,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
@@ -289,19 +273,19 @@ def main(argv=None):
                                    f"{args.model}; train the reward model from the same base")
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
     weights = torch.tensor(args.reward_weights or [1.0] * len(names), device=device)
-    generation_config = set_sampling(policy, args, tokenizer)
+    generation_config = common.set_sampling(policy, args, tokenizer)
     policy, ref, reward_model = (m if m is None else common.shard_model(m, device) for m in (policy, ref, reward_model))
     # the schedule runs over every optimizer step: num_iterations per rollout
     schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.num_iterations})
     optimizer, scheduler = common.make_optimizer(policy, schedule)
 
     def load(path):  # reward functions get each prompt's data row
-        rows = common.read_data(path, ())
+        rows = formats.read_data(path, ())
         return [{**ex, "row": row} for ex, row in zip(
-            common.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ()), rows)]
+            formats.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ()), rows)]
 
     prompts = load(args.data)
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
 
@@ -318,7 +302,7 @@ def main(argv=None):
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the step clock
     for step in range(start + 1, args.max_steps + 1):
-        batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, args) for p in mb]
+        batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args) for p in mb]
         batch, has_eos, per_source, old = rollout(policy, ref, reward_model, reward_fns, batch_prompts, tokenizer,
                                                   args, device)
         rewards = per_source @ weights

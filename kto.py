@@ -30,9 +30,13 @@ import sys
 
 import torch
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 from toy.eval import evaluate, is_toy
+from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 
 def kto_loss(policy_logps, ref_logps, labels, kl, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
@@ -76,7 +80,7 @@ def collate_with_mismatched(examples, pad_id, device):
     prompts = [e["prompt"] for e in examples]
     completions = [e["completion"] for e in examples]
     mismatched = [completions[j] for j in mismatched_order(len(examples))]
-    return common.collate(prompts * 2, completions + mismatched, pad_id, device)
+    return batching.collate(prompts * 2, completions + mismatched, pad_id, device)
 
 
 def rows_slice(batch, start, stop):
@@ -88,9 +92,9 @@ def read_feedback(path):
     """Unpaired rows (prompt, completion, label). A pairwise file (any pair shape), told apart by its
     first row, gives one desirable row (chosen) and one undesirable row (rejected) per pair."""
     # the first read only finds the format; parsing twice is cheap next to training
-    if "chosen" not in common.read_jsonl(path, [])[0]:
-        return common.read_data(path, ("completion", "label"))
-    pairs = common.read_data(path, ("chosen", "rejected"))
+    if "chosen" not in formats.read_jsonl(path, [])[0]:
+        return formats.read_data(path, ("completion", "label"))
+    pairs = formats.read_data(path, ("chosen", "rejected"))
     return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen", _where=p["_where"])
             for p in pairs for field in ("chosen", "rejected")]
 
@@ -117,7 +121,7 @@ def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
     the desirable minus the undesirable examples) on this rank's chunks. ref_logps: the reference's summed
     log-probs of each chunk's matched and mismatched rows (collate_with_mismatched), computed once."""
     with common.evaluating(model):
-        logps = [common.sequence_logps(model, collate_with_mismatched(c, pad_id, device))[0] for c in chunks]
+        logps = [logprobs.sequence_logps(model, collate_with_mismatched(c, pad_id, device))[0] for c in chunks]
     z0 = reference_point(torch.cat([p[len(c):] for p, c in zip(logps, chunks)]),
                          torch.cat([r[len(c):] for r, c in zip(ref_logps, chunks)]))
     sums = torch.zeros(5, dtype=torch.float64)  # loss, n_D, n_U, reward sums of desirable and undesirable
@@ -135,9 +139,9 @@ def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "unpaired.jsonl"),
-                           model=common.SFT_MODEL_DIR, lr=5e-4, max_steps=200, output_dir="out/kto", real_lr="5e-7",
-                           toy_eval_data="eval_pairs.jsonl")
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "unpaired.jsonl"),
+                           model=SFT_MODEL_DIR, lr=5e-4, max_steps=200, output_dir="out/kto", real_lr="5e-7",
+                           eval_file="eval_pairs.jsonl")
     p.add_argument("--beta", type=float, default=0.1, help="KTO beta: the scale of r inside the sigmoid")
     p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable losses")
     p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable losses")
@@ -147,6 +151,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     if args.batch_size < 2:
         raise common.UserError("--batch_size must be at least 2: z0 is estimated on mismatched pairs of each micro-batch")
     for name in ("beta", "desirable_weight", "undesirable_weight"):
@@ -158,7 +163,7 @@ def main(argv=None):
                                                 allow_pickle=args.allow_pickle))
 
     def load(path):
-        return common.tokenize(read_feedback(path), tokenizer, args.max_length, ("completion",))
+        return formats.tokenize(read_feedback(path), tokenizer, args.max_length, ("completion",))
 
     examples = load(args.data)
     n_desirable = sum(e["label"] for e in examples)
@@ -169,10 +174,10 @@ def main(argv=None):
     reference = common.shard_model(reference, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     if heldout:  # scored by the reference once, as the reference never changes
         with torch.no_grad():
-            heldout_ref = [common.sequence_logps(reference, collate_with_mismatched(c, pad_id, device))[0]
+            heldout_ref = [logprobs.sequence_logps(reference, collate_with_mismatched(c, pad_id, device))[0]
                            for c in heldout]
     n_global = args.batch_size * args.grad_accum * common.world()
     state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
@@ -187,12 +192,12 @@ def main(argv=None):
         logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
-        micro = common.micro_batches(examples, step - 1, args)
+        micro = batching.micro_batches(examples, step - 1, args)
         batches = [collate_with_mismatched(mb, pad_id, device) for mb in micro]
         # z0 first, from every micro-batch's mismatched half; the reference scores both halves at once
         with torch.no_grad():
-            ref_logps = [common.sequence_logps(reference, b)[0] for b in batches]
-            policy_mismatched = [common.sequence_logps(model, rows_slice(b, len(mb), None))[0]
+            ref_logps = [logprobs.sequence_logps(reference, b)[0] for b in batches]
+            policy_mismatched = [logprobs.sequence_logps(model, rows_slice(b, len(mb), None))[0]
                                  for b, mb in zip(batches, micro)]
         z0 = reference_point(torch.cat(policy_mismatched), torch.cat([r[len(mb):] for r, mb in zip(ref_logps, micro)]))
 
@@ -201,7 +206,7 @@ def main(argv=None):
         for batch, ref, mb in zip(batches, ref_logps, micro):
             matched = rows_slice(batch, 0, len(mb))
             labels = torch.tensor([e["label"] for e in mb], device=device)
-            logps = common.sequence_logps(model, matched)[0]
+            logps = logprobs.sequence_logps(model, matched)[0]
             losses, rewards = kto_loss(logps, ref[:len(mb)], labels, z0, args.beta,
                                        args.desirable_weight, args.undesirable_weight)
             (losses.sum() / n_global * common.world()).backward()  # FSDP averages gradients over ranks

@@ -29,9 +29,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 from toy.eval import evaluate, is_toy
+from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -94,8 +98,8 @@ def pair_losses(policy_tokens, ref_tokens, mask, args):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=1e-3, max_steps=100, batch_size=16, real_lr="5e-7", toy_eval_data="eval_pairs.jsonl",
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "pairs.jsonl"), model=SFT_MODEL_DIR,
+                           lr=1e-3, max_steps=100, batch_size=16, real_lr="5e-7", eval_file="eval_pairs.jsonl",
                            output_dir="out/ld_dpo")
     p.add_argument("--ld_alpha", type=float, default=0.5, help="weight of the tokens past the public length, in [0, 1]")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
@@ -132,7 +136,7 @@ def precompute_ref_logps(ref_model, examples, args, pad_id, device):
     scored = []
     for i in range(0, share, args.batch_size):
         chunk = mine[i:i + args.batch_size]
-        tokens = common.token_logps(ref_model, common.collate_pairs(chunk or examples[:1], pad_id, device)).cpu()
+        tokens = logprobs.token_logps(ref_model, batching.collate_pairs(chunk or examples[:1], pad_id, device)).cpu()
         scored += [(tokens[j, :len(e["chosen"])].clone(), tokens[len(chunk) + j, :len(e["rejected"])].clone())
                    for j, e in enumerate(chunk)]
     if dist.is_initialized():
@@ -155,8 +159,8 @@ def heldout_metrics(model, chunks, ref_tokens, args, pad_id, device):
     sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
     with common.evaluating(model):
         for chunk, ref in zip(chunks, ref_tokens):
-            batch = common.collate_pairs(chunk, pad_id, device)
-            tokens, mask = common.token_logps(model, batch), batch["labels"] != -100
+            batch = batching.collate_pairs(chunk, pad_id, device)
+            tokens, mask = logprobs.token_logps(model, batch), batch["labels"] != -100
             losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, ref, mask, args)
             sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
                                  mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
@@ -169,6 +173,7 @@ def heldout_metrics(model, chunks, ref_tokens, args, pad_id, device):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     tokenizer, model = common.load_policy(args, device)
@@ -180,17 +185,17 @@ def main(argv=None):
     fields = ("chosen", "rejected")
 
     def load(path):
-        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
 
     examples = load(args.data)
     model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     if heldout:  # scored by the reference once, as the reference never changes
         with torch.no_grad():
-            heldout_ref = [common.token_logps(ref_model, common.collate_pairs(c, pad_id, device)) for c in heldout]
+            heldout_ref = [logprobs.token_logps(ref_model, batching.collate_pairs(c, pad_id, device)) for c in heldout]
     if args.precompute_ref:
         precompute_ref_logps(ref_model, examples, args, pad_id, device)
         ref_model = None
@@ -207,16 +212,16 @@ def main(argv=None):
         logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
-        micro = common.micro_batches(examples, step - 1, args)
+        micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # RPO's token mean
         stats = torch.zeros(6, dtype=torch.float64)  # loss; sums over pairs of r_w, r_l, [r_w > r_l], logp_w, logp_l
         for mb in micro:
-            batch = common.collate_pairs(mb, pad_id, device)
+            batch = batching.collate_pairs(mb, pad_id, device)
             mask = batch["labels"] != -100
-            policy_tokens = common.token_logps(model, batch)
+            policy_tokens = logprobs.token_logps(model, batch)
             with torch.no_grad():
-                ref_tokens = (common.token_logps(ref_model, batch) if ref_model is not None
+                ref_tokens = (logprobs.token_logps(ref_model, batch) if ref_model is not None
                               else precomputed_ref_tokens(mb, device))
             losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
                 policy_tokens, ref_tokens, mask, args)

@@ -28,10 +28,14 @@ import os
 
 import torch
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 import rm
 from toy.eval import evaluate, is_toy
+from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 
 def masked_mean(x, mask):
@@ -89,52 +93,32 @@ def whiten(x, mask, device, shift_mean=True):
     return ((x - mean) / (std + 1e-8) + (0.0 if shift_mean else mean)) * mask
 
 
-def completions_from(responses, eos_id):
-    """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
-    rows = responses.tolist()
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
-
-
-def set_sampling(policy, args, tokenizer):
-    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores.
-    The whole generation_config is replaced: a checkpoint's own defaults (top_k=50, a repetition
-    penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
-    from transformers import GenerationConfig
-
-    original = policy.generation_config
-    policy.generation_config = GenerationConfig(
-        do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return original
-
-
 def token_values(value_model, batch):
     """(B, C) values V_t, read where the policy predicts response token t: the state before it."""
-    values = common.position_outputs(value_model, batch)  # packed or padded forward, padded layout
+    values = logprobs.position_outputs(value_model, batch)  # packed or padded forward, padded layout
     return values[:, -batch["labels"].shape[1] - 1:-1]
 
 
 @torch.no_grad()
 def rollout(policy, ref, reward_model, value_model, prompts, tokenizer, args, device):
     """Sample one response per prompt, then score it, in chunks of --local_rollout_forward_batch_size.
-    Returns the scoring batch (common.collate layout), has_eos (B,) and old_logps, ref_logps,
+    Returns the scoring batch (batching.collate layout), has_eos (B,) and old_logps, ref_logps,
     old_values (B, C) and scores (B,)."""
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     policy.eval()
     completions = []
     for i in range(0, len(prompts), size):
-        query = common.collate_prompts(prompts[i:i + size], pad_id, device)
+        query = batching.collate_prompts(prompts[i:i + size], pad_id, device)
         out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
                               synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-        completions += completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
-    batch = common.collate([p["prompt"] for p in prompts], completions, pad_id, device)
+        completions += common.completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
+    batch = batching.collate([p["prompt"] for p in prompts], completions, pad_id, device)
     has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
     parts = {"old_logps": [], "ref_logps": [], "old_values": [], "scores": []}
     for i in range(0, len(prompts), size):
         chunk = {k: v[i:i + size] for k, v in batch.items()}
-        parts["old_logps"].append(common.token_logps(policy, chunk, args.temperature))
-        parts["ref_logps"].append(common.token_logps(ref, chunk, args.temperature))
+        parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
+        parts["ref_logps"].append(logprobs.token_logps(ref, chunk, args.temperature))
         parts["old_values"].append(token_values(value_model, chunk))
         parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
     policy.train()
@@ -166,7 +150,7 @@ def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns,
             (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)
             for micro in rows.split(args.batch_size):
                 mb, m = {k: v[micro] for k, v in batch.items()}, mask[micro]
-                logps, entropy = common.logps_and_entropy(policy, mb, args.temperature)
+                logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
                 pg, pg_clipfrac = policy_loss(logps, old["old_logps"][micro], advantages[micro], m, args.cliprange)
                 vf, vf_clipfrac = value_loss(token_values(value_model, mb), old["old_values"][micro], returns[micro],
                                              m, args.cliprange_value)
@@ -181,7 +165,7 @@ def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns,
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "prompts.jsonl"), model=common.SFT_MODEL_DIR,
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "prompts.jsonl"), model=SFT_MODEL_DIR,
                            lr=3e-4, max_steps=100, batch_size=16, output_dir="out/ppo", real_lr="1e-6")
     p.add_argument("--reward_model", default="out/rm", help="the reward model: a directory rm.py wrote")
     p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling")
@@ -227,6 +211,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     tokenizer, policy = common.load_policy(args, device)
@@ -240,7 +225,7 @@ def main(argv=None):
                                "train the reward model from the same base")
     if args.gradient_checkpointing:
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    generation_config = set_sampling(policy, args, tokenizer)
+    generation_config = common.set_sampling(policy, args, tokenizer)
     policy, ref, reward_model, value_model = (common.shard_model(m, device)
                                               for m in (policy, ref, reward_model, value_model))
     # the schedule runs over every optimizer step: ppo_epochs * num_mini_batches per rollout
@@ -250,10 +235,10 @@ def main(argv=None):
     value_model.train()
 
     def load(path):
-        return common.tokenize(common.read_data(path, ()), tokenizer, args.max_length - args.max_new_tokens, ())
+        return formats.tokenize(formats.read_data(path, ()), tokenizer, args.max_length - args.max_new_tokens, ())
 
     prompts = load(args.data)
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
     per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
@@ -272,7 +257,7 @@ def main(argv=None):
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the rollout clock
     for step in range(start + 1, args.max_steps + 1):
-        batch_prompts = [p for mb in common.micro_batches(prompts, step - 1, per_rollout) for p in mb]
+        batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, per_rollout) for p in mb]
         batch, has_eos, old = rollout(policy, ref, reward_model, value_model, batch_prompts, tokenizer, args, device)
         logger.count(batch)
         rollout_speed = logger.tokens_per_second(device)

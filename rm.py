@@ -24,8 +24,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
+from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -56,7 +60,7 @@ class RewardModel(torch.nn.Module):
 
 def last_token_rewards(model, batch):
     """(B,) rewards read at each row's last real token (column P + n - 1 in common's layout)."""
-    values = common.position_outputs(model, batch)  # packed or padded forward, padded layout
+    values = logprobs.position_outputs(model, batch)  # packed or padded forward, padded layout
     labels = batch["labels"]
     last = values.shape[1] - labels.shape[1] + (labels != -100).sum(-1) - 1
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
@@ -81,8 +85,8 @@ def save_reward_model(model, tokenizer, out_dir):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
-                           lr=3e-4, max_steps=600, output_dir="out/rm", real_lr="1e-5", toy_eval_data="eval_pairs.jsonl")
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "pairs.jsonl"), model=SFT_MODEL_DIR,
+                           lr=3e-4, max_steps=600, output_dir="out/rm", real_lr="1e-5", eval_file="eval_pairs.jsonl")
     p.add_argument("--margin", type=float, default=0.0,
                    help="reward gap m the chosen response must win by: the loss is -logsig(r_w - r_l - m)")
     p.add_argument("--center_coef", type=float, default=0.001,
@@ -97,7 +101,7 @@ def evaluate_pairs(model, chunks, pad_id, device):
     correct = margin = n = 0.0
     with common.evaluating(model):
         for chunk in chunks:
-            rewards = last_token_rewards(model, common.collate_pairs(chunk, pad_id, device))
+            rewards = last_token_rewards(model, batching.collate_pairs(chunk, pad_id, device))
             chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
             correct += float((chosen > rejected).sum())
             margin += float((chosen - rejected).sum())
@@ -111,16 +115,17 @@ def main(argv=None):
 
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
     fields = ("chosen", "rejected")
 
     def load(path):
-        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
 
     examples = load(args.data)
-    held_out = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    held_out = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,11 +142,11 @@ def main(argv=None):
         logger.log(0, evaluate_pairs(model, held_out, pad_id, device))
     model.train()
     for step in range(start + 1, args.max_steps + 1):
-        micro = common.micro_batches(examples, step - 1, args)
+        micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = len(micro) * args.batch_size * common.world()
         sums = torch.zeros(5, device=device)  # loss, correct, chosen, rejected, margin
         for mb in micro:
-            batch = common.collate_pairs(mb, pad_id, device)
+            batch = batching.collate_pairs(mb, pad_id, device)
             rewards = last_token_rewards(model, batch)
             chosen, rejected = rewards[:len(mb)], rewards[len(mb):]
             losses = reward_loss(chosen, rejected, args.margin, args.center_coef)

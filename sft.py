@@ -19,9 +19,13 @@ import os
 
 import torch
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 from toy.eval import evaluate, is_toy
+from toy.task import DATA_DIR as TOY_DATA_DIR, TINY_MODEL_DIR, ensure_model
 
 
 def sft_loss(token_logps, mask, n_tokens):
@@ -34,7 +38,8 @@ def sft_loss(token_logps, mask, n_tokens):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "sft.jsonl"), output_dir="out/sft",
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "sft.jsonl"), model=TINY_MODEL_DIR,
+                           output_dir="out/sft",
                            real_lr="2e-5")
     return p.parse_args(argv)
 
@@ -44,9 +49,9 @@ def heldout_loss(model, chunks, pad_id, device):
     nll = n_tokens = 0.0
     with common.evaluating(model):
         for chunk in chunks:
-            batch = common.collate_single(chunk, pad_id, device)
+            batch = batching.collate_single(chunk, pad_id, device)
             mask = batch["labels"] != -100
-            nll += float(sft_loss(common.token_logps(model, batch), mask, 1))  # n_tokens 1: the summed NLL
+            nll += float(sft_loss(logprobs.token_logps(model, batch), mask, 1))  # n_tokens 1: the summed NLL
             n_tokens += int(mask.sum())
     nll, n_tokens = common.all_sum([nll, n_tokens], device)
     return {"eval/loss": nll / n_tokens}
@@ -55,15 +60,16 @@ def heldout_loss(model, chunks, pad_id, device):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     tokenizer, model = common.load_policy(args, device)
 
     def load(path):
-        return common.tokenize(common.read_data(path, ("completion",)), tokenizer, args.max_length, ("completion",))
+        return formats.tokenize(formats.read_data(path, ("completion",)), tokenizer, args.max_length, ("completion",))
 
     examples = load(args.data)
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
@@ -79,13 +85,13 @@ def main(argv=None):
         logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
-        batches = [common.collate_single(mb, tokenizer.pad_token_id, device)
-                   for mb in common.micro_batches(examples, step - 1, args)]
+        batches = [batching.collate_single(mb, tokenizer.pad_token_id, device)
+                   for mb in batching.micro_batches(examples, step - 1, args)]
         # token mean over the global batch; FSDP averages gradients over ranks, hence * world
         (n_tokens,) = common.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)], device)
         total = torch.zeros((), device=device)
         for batch in batches:
-            loss = sft_loss(common.token_logps(model, batch), batch["labels"] != -100, n_tokens)
+            loss = sft_loss(logprobs.token_logps(model, batch), batch["labels"] != -100, n_tokens)
             (loss * common.world()).backward()
             total += loss.detach()
             logger.count(batch)

@@ -31,9 +31,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+import batching
 import checkpoint
 import common
+import formats
+import logprobs
 from toy.eval import evaluate, is_toy
+from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 
 def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=1.0):
@@ -71,9 +75,9 @@ def pair_losses(tokens, mask, args):
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, data=os.path.join(common.TOY_DATA_DIR, "pairs.jsonl"), model=common.SFT_MODEL_DIR,
+    p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "pairs.jsonl"), model=SFT_MODEL_DIR,
                            lr=None, max_steps=150, batch_size=16, real_lr="5e-7 for SimPO, 1e-6 for CPO",
-                           toy_eval_data="eval_pairs.jsonl", output_dir="out/simpo")
+                           eval_file="eval_pairs.jsonl", output_dir="out/simpo")
     p.add_argument("--loss", default="simpo", choices=["simpo", "cpo"],
                    help="simpo: length-normalised rewards and a target margin; cpo: summed log-probs and an SFT term")
     p.add_argument("--beta", type=float, default=None, help="reward scale (default: 2.0 for simpo, 0.1 for cpo)")
@@ -103,8 +107,8 @@ def heldout_metrics(model, chunks, args, pad_id, device):
     sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
     with common.evaluating(model):
         for chunk in chunks:
-            batch = common.collate_pairs(chunk, pad_id, device)
-            tokens, mask = common.token_logps(model, batch), batch["labels"] != -100
+            batch = batching.collate_pairs(chunk, pad_id, device)
+            tokens, mask = logprobs.token_logps(model, batch), batch["labels"] != -100
             losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, mask, args)
             sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
                                  mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
@@ -116,16 +120,17 @@ def heldout_metrics(model, chunks, args, pad_id, device):
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
+    ensure_model(args.model)
     device = common.setup(args)
 
     tokenizer, model = common.load_policy(args, device)
     fields = ("chosen", "rejected")
 
     def load(path):
-        return common.tokenize(common.read_data(path, fields), tokenizer, args.max_length, fields)
+        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
 
     examples = load(args.data)
-    heldout = args.eval_data and common.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
@@ -142,13 +147,13 @@ def main(argv=None):
         logger.log(0, evaluation())
     model.train()
     for step in range(start + 1, args.max_steps + 1):
-        micro = common.micro_batches(examples, step - 1, args)
+        micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # NLL's token mean
         stats = torch.zeros(7, dtype=torch.float64)  # loss, NLL; sums over pairs of r_w, r_l, [r_w>r_l], logp_w, logp_l
         for mb in micro:
-            batch = common.collate_pairs(mb, pad_id, device)
-            policy_tokens = common.token_logps(model, batch)
+            batch = batching.collate_pairs(mb, pad_id, device)
+            policy_tokens = logprobs.token_logps(model, batch)
             losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
                 policy_tokens, batch["labels"] != -100, args)
             nll = -policy_tokens.chunk(2)[0].sum() / n_chosen

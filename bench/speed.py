@@ -1,6 +1,6 @@
 """Speed and memory of one training step, side by side: this project's sft.py / dpo.py / kto.py,
 TRL's SFTTrainer / DPOTrainer / KTOTrainer, and a naive baseline (this project's script with
-common.token_logps swapped for full logits + log_softmax().gather()).
+logprobs.token_logps swapped for full logits + log_softmax().gather()).
 
     python bench/speed.py                                  # everything, 2 rounds
     python bench/speed.py --cases dpo:ours,dpo:trl --rounds 1
@@ -23,7 +23,7 @@ round runs every case once, so a shared machine's load hits them alike. Per case
   input embedding (a lookup).
 The large-vocabulary case (vocab 128k, one sequence of 1024 tokens: prompt 64, completion 960)
 measures the memory of sequence log-probs alone (a 1-layer model), peak RSS above the resident
-model: common.sequence_logps against the naive form, without grad and forward + backward.
+model: logprobs.sequence_logps against the naive form, without grad and forward + backward.
 
 `--workload realistic` trains on realistic lengths instead (bench/workload.py: lognormal, medians
 90 prompt / 220 response tokens, long tails) and compares `ours` (packed: padding-free batches, as
@@ -49,6 +49,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import batching
+import formats
+import logprobs
 from bench import workload  # noqa: E402
 
 BENCH_DIR = os.path.join(ROOT, "out", "bench")
@@ -175,7 +178,7 @@ def run_ours(algo, impl, steps, warmup, directory):
     script_name, data, _ = ALGOS[algo]
     script = importlib.import_module(script_name)
     if impl == "naive":
-        common.token_logps = naive_token_logps
+        logprobs.token_logps = naive_token_logps
     clock, clip_and_step, count = StepClock(steps, warmup), common.clip_and_step, common.Logger.count
     tokens, positions = [], {"padded_positions": [], "packed_positions": []}
 
@@ -188,7 +191,7 @@ def run_ours(algo, impl, steps, warmup, directory):
     def counted(logger, batch):  # the trained rows of the step (one micro-batch)
         tokens.append(int(batch["attention_mask"].sum()))
         positions["padded_positions"].append(batch["attention_mask"].numel())
-        positions["packed_positions"].append(common.pack(batch)["input_ids"].numel())
+        positions["packed_positions"].append(batching.pack(batch)["input_ids"].numel())
         count(logger, batch)
 
     common.clip_and_step, common.Logger.count = timed_step, counted
@@ -210,7 +213,7 @@ def run_trl(algo, steps, warmup, directory):
     import trl
 
     model_dir = os.path.join(BENCH_DIR, "model")
-    rows = common.read_jsonl(os.path.join(directory, ALGOS[algo][1]), [])
+    rows = formats.read_jsonl(os.path.join(directory, ALGOS[algo][1]), [])
     dataset = datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "_where"} for r in rows])
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -260,7 +263,7 @@ def run_large_vocab(naive):
     ids = torch.randint(len(workload.SPECIALS), 128000, (1, prompt + completion))
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(prompt + completion)[None],
                  labels=ids[:, prompt:])
-    logps = naive_token_logps if naive else common.token_logps
+    logps = naive_token_logps if naive else logprobs.token_logps
     result = {}
     for name, grad in (("no_grad", False), ("fwd_bwd", True)):
         model.zero_grad(set_to_none=True)

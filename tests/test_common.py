@@ -6,7 +6,10 @@ import shutil
 import pytest
 import torch
 
+import batching
 import common
+import formats
+import logprobs
 from conftest import naive_completion_logps
 from toy.task import TINY_MODEL_DIR
 
@@ -27,7 +30,7 @@ def test_gather_logps_matches_naive(vocab):
     labels[1, -3:] = -100  # right padding
     labels[2, 1:4] = -100  # a hole in the middle
     labels[3, :] = -100  # an empty row
-    got = common.gather_logps(logits, labels)
+    got = logprobs.gather_logps(logits, labels)
     torch.testing.assert_close(got, naive_logps(logits, labels), atol=1e-5, rtol=0)
     assert (got[labels == -100] == 0).all()
 
@@ -37,7 +40,7 @@ def test_gather_logps_gradient_matches_naive():
     logits = torch.randn(3, 4, 11, requires_grad=True)
     labels = torch.randint(0, 11, (3, 4))
     labels[0, 0] = labels[2, 3] = -100
-    common.gather_logps(logits, labels).sum().backward()
+    logprobs.gather_logps(logits, labels).sum().backward()
     ours, logits.grad = logits.grad, None
     naive_logps(logits, labels).sum().backward()
     torch.testing.assert_close(ours, logits.grad, atol=1e-6, rtol=0)
@@ -51,12 +54,12 @@ def tokenizer(tiny_model):
 def test_labels_score_each_completion_token_once(tokenizer):
     rows = [{"prompt": "tell me about animals :", "completion": "cat dog"},
             {"prompt": "tell me about fruits and colors :", "completion": "apple"}]
-    examples = common.tokenize(rows, tokenizer, 64, ("completion",))
+    examples = formats.tokenize(rows, tokenizer, 64, ("completion",))
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     cat, dog, apple = tokenizer.convert_tokens_to_ids(["cat", "dog", "apple"])
     assert examples[0]["completion"] == [cat, dog, eos]  # the completion ends with exactly one EOS
     assert examples[0]["prompt"][0] == bos and len(examples[0]["prompt"]) == 6
-    batch = common.collate_single(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    batch = batching.collate_single(examples, tokenizer.pad_token_id, torch.device("cpu"))
     # prompts are left-padded to 8 tokens; every completion starts at column 8
     assert batch["labels"].tolist() == [[cat, dog, eos], [apple, eos, -100]]
     assert batch["input_ids"][0, 8:].tolist() == [cat, dog, eos]
@@ -71,9 +74,9 @@ def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer
     model = common.load_model(tiny_model, torch.device("cpu"))
     rows = [{"prompt": "tell me about animals :", "completion": "cat dog horse"},
             {"prompt": "tell me about fruits and colors and tools :", "completion": "apple"}]
-    examples = common.tokenize(rows, tokenizer, 64, ("completion",))
-    batch = common.collate_single(examples, tokenizer.pad_token_id, torch.device("cpu"))
-    ours = common.token_logps(model, batch)
+    examples = formats.tokenize(rows, tokenizer, 64, ("completion",))
+    batch = batching.collate_single(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    ours = logprobs.token_logps(model, batch)
     for i, ex in enumerate(examples):  # each example alone, unpadded, through the naive path
         ids = torch.tensor([ex["prompt"] + ex["completion"]])
         logits = model(input_ids=ids).logits[0, :-1]
@@ -82,7 +85,7 @@ def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer
         scored = naive[len(ex["prompt"]) - 1:]  # the first completion token is predicted by the last prompt token
         torch.testing.assert_close(ours[i, : len(ex["completion"])], scored, atol=1e-5, rtol=0)
         assert (ours[i, len(ex["completion"]):] == 0).all()
-    sums, counts = common.sequence_logps(model, batch)
+    sums, counts = logprobs.sequence_logps(model, batch)
     assert counts.tolist() == [4, 2]
     torch.testing.assert_close(sums, ours.sum(-1))
 
@@ -93,14 +96,14 @@ def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
     model = common.load_model(tiny_model, torch.device("cpu"))
     rows = [{"prompt": "", "completion": "cat dog"},
             {"prompt": "tell me about fruits and colors :", "completion": "apple"}]
-    examples = common.tokenize(rows, tokenizer, 64, ("completion",))
+    examples = formats.tokenize(rows, tokenizer, 64, ("completion",))
     assert examples[0]["prompt"] == [tokenizer.bos_token_id]
     alone = naive_completion_logps(model, tokenizer, "", "cat dog")  # [BOS] predicts cat, then dog, then EOS
     assert len(alone) == 3
     with torch.no_grad():
         for batch_rows in (examples, examples[:1] * 2):
-            batch = common.collate_single(batch_rows, tokenizer.pad_token_id, torch.device("cpu"))
-            torch.testing.assert_close(common.token_logps(model, batch)[0], alone, atol=1e-5, rtol=0)
+            batch = batching.collate_single(batch_rows, tokenizer.pad_token_id, torch.device("cpu"))
+            torch.testing.assert_close(logprobs.token_logps(model, batch)[0], alone, atol=1e-5, rtol=0)
 
 
 def test_empty_prompt_without_bos_is_an_error_naming_the_line(no_bos_model):
@@ -109,10 +112,10 @@ def test_empty_prompt_without_bos_is_an_error_naming_the_line(no_bos_model):
     assert tokenizer.bos_token is None
     rows = [{"prompt": "tell me :", "completion": "cat", "_where": "data.jsonl:1"},
             {"prompt": " ", "completion": "cat", "_where": "data.jsonl:2"}]
-    (example,) = common.tokenize(rows[:1], tokenizer, 64, ("completion",))
+    (example,) = formats.tokenize(rows[:1], tokenizer, 64, ("completion",))
     assert example["prompt"] == tokenizer.convert_tokens_to_ids(["tell", "me", ":"])  # no BOS in front
     with pytest.raises(common.UserError, match=r"^data.jsonl:2: the prompt is empty after tokenization"):
-        common.tokenize(rows, tokenizer, 64, ("completion",))
+        formats.tokenize(rows, tokenizer, 64, ("completion",))
 
 
 def test_max_length_must_hold_one_prompt_token_and_every_whole_completion(tokenizer):
@@ -120,9 +123,9 @@ def test_max_length_must_hold_one_prompt_token_and_every_whole_completion(tokeni
     rows = [{"prompt": "tell me about animals :", "completion": "cat", "_where": "data.jsonl:1"},
             {"prompt": "tell me :", "completion": "cat dog horse", "_where": "data.jsonl:2"}]
     with pytest.raises(common.UserError, match=r"^data.jsonl:2: --max_length 4 cannot hold .* use --max_length 5 or"):
-        common.tokenize(rows, tokenizer, 4, ("completion",))
+        formats.tokenize(rows, tokenizer, 4, ("completion",))
     # at 5, the documented truncation rule applies: the prompt keeps max(5 - longest, 5 // 2) tokens, from the left
-    examples = common.tokenize(rows, tokenizer, 5, ("completion",))
+    examples = formats.tokenize(rows, tokenizer, 5, ("completion",))
     assert examples[0]["prompt"] == tokenizer.convert_tokens_to_ids(["about", "animals", ":"])  # keeps 5 - 2 = 3
     assert examples[1]["prompt"] == tokenizer.convert_tokens_to_ids(["me", ":"])  # keeps 5 // 2 = 2 of 4
     assert [len(e["completion"]) for e in examples] == [2, 3]  # the second one cut to the 3 tokens left
@@ -131,7 +134,7 @@ def test_max_length_must_hold_one_prompt_token_and_every_whole_completion(tokeni
 def test_conversational_format_uses_chat_template(tokenizer):
     rows = [{"prompt": [{"role": "user", "content": "tell me about animals :"}],
              "completion": [{"role": "assistant", "content": "cat dog"}]}]
-    (ex,) = common.tokenize(rows, tokenizer, 64, ("completion",))
+    (ex,) = formats.tokenize(rows, tokenizer, 64, ("completion",))
     assert tokenizer.convert_ids_to_tokens(ex["prompt"]) == [
         "<|user|>", "tell", "me", "about", "animals", ":", "</s>", "<|assistant|>"]
     assert tokenizer.convert_ids_to_tokens(ex["completion"]) == ["cat", "dog", "</s>"]
@@ -140,11 +143,11 @@ def test_conversational_format_uses_chat_template(tokenizer):
 def test_truncation_cuts_prompt_from_the_left_first():
     prompt = list(range(10))
     # fits: nothing cut
-    assert common.truncate(prompt, [4], 14) == (prompt, 4, False)
+    assert formats.truncate(prompt, [4], 14) == (prompt, 4, False)
     # 10 + 4 > 12: the prompt loses its first 2 tokens, the completion keeps all 4
-    assert common.truncate(prompt, [4], 12) == (prompt[2:], 4, True)
+    assert formats.truncate(prompt, [4], 12) == (prompt[2:], 4, True)
     # 10 + 9 > 12: the prompt keeps half of max_length (6), the completion gets the other 6
-    assert common.truncate(prompt, [9, 3], 12) == (prompt[4:], 6, True)
+    assert formats.truncate(prompt, [9, 3], 12) == (prompt[4:], 6, True)
 
 
 def write(tmp_path, lines):
@@ -168,17 +171,17 @@ GOOD = json.dumps({"prompt": "p", "completion": "c"})
 def test_malformed_jsonl_names_file_and_line(tmp_path, bad, message):
     path = write(tmp_path, [GOOD, bad])
     with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
-        common.read_jsonl(path, ["prompt", "completion"])
+        formats.read_jsonl(path, ["prompt", "completion"])
 
 
 def test_label_must_be_boolean_and_empty_file_is_an_error(tmp_path):
     path = write(tmp_path, [json.dumps({"prompt": "p", "completion": "c", "label": "yes"})])
     with pytest.raises(common.UserError, match="data.jsonl:1: field 'label' must be true or false"):
-        common.read_jsonl(path, ["prompt", "completion", "label"])
+        formats.read_jsonl(path, ["prompt", "completion", "label"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(common.UserError, match="empty.jsonl: no examples"):
-        common.read_jsonl(str(empty), ["prompt"])
+        formats.read_jsonl(str(empty), ["prompt"])
 
 
 def test_micro_batches_shard_one_global_batch_across_ranks(monkeypatch):
@@ -186,17 +189,17 @@ def test_micro_batches_shard_one_global_batch_across_ranks(monkeypatch):
     class Args:
         batch_size, grad_accum, seed, data = 4, 1, 0, "x"
     examples = list(range(10))
-    single = common.micro_batches(examples, 3, Args)[0]
+    single = batching.micro_batches(examples, 3, Args)[0]
     Args.batch_size = 2
-    monkeypatch.setattr(common, "world", lambda: 2)
+    monkeypatch.setattr(batching, "world", lambda: 2)
     shards = []
     for r in range(2):
-        monkeypatch.setattr(common, "rank", lambda r=r: r)
-        shards += common.micro_batches(examples, 3, Args)[0]
+        monkeypatch.setattr(batching, "rank", lambda r=r: r)
+        shards += batching.micro_batches(examples, 3, Args)[0]
     assert shards == single and len(set(single)) == 4
     Args.batch_size = 6
     with pytest.raises(common.UserError, match="fewer than one global batch"):
-        common.micro_batches(examples, 0, Args)
+        batching.micro_batches(examples, 0, Args)
 
 
 def test_pad_token_falls_back_to_eos(tmp_path, tokenizer):

@@ -9,11 +9,13 @@ import re
 import pytest
 import torch
 
+import batching
 import common
 import dpo
+import formats
 import kto
+import logprobs
 import sft
-from toy.task import TINY_MODEL_DIR
 
 CPU = torch.device("cpu")
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -54,15 +56,15 @@ def test_two_turn_conversation_scores_both_assistant_turns_and_nothing_else(tmp_
     to the first assistant header; the completion holds "cat dog<|im_end|>" (scored), the newline, the
     second user turn and the assistant header (not scored), then "apple<|im_end|>" (scored)."""
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [user("hi"), assistant("cat")]}])
-    rows = common.read_data(path, ("completion",))
+    rows = formats.read_data(path, ("completion",))
     assert common.NOTES.pop() == f"{path}: messages rows (conversations, loss on every assistant turn and nothing else)"
-    ex = common.tokenize(rows, qwen, 512, ("completion",))[0]
+    ex = formats.tokenize(rows, qwen, 512, ("completion",))[0]
     assert ex["prompt"] == encode(qwen, SYSTEM + "<|im_start|>user\ntell me about animals :<|im_end|>\n"
                                           "<|im_start|>assistant\n")
     first, between, second = (encode(qwen, "cat dog<|im_end|>"),
                               encode(qwen, "\n<|im_start|>user\nand fruits :<|im_end|>\n<|im_start|>assistant\n"),
                               encode(qwen, "apple<|im_end|>"))
-    batch = common.collate_single([ex], qwen.pad_token_id, CPU)
+    batch = batching.collate_single([ex], qwen.pad_token_id, CPU)
     assert batch["labels"][0].tolist() == first + [-100] * len(between) + second
     assert batch["input_ids"][0].tolist() == ex["prompt"] + first + between + second
     scored = batch["labels"][0][batch["labels"][0] != -100].tolist()
@@ -70,9 +72,9 @@ def test_two_turn_conversation_scores_both_assistant_turns_and_nothing_else(tmp_
 
 
 def test_two_turn_conversation_on_the_word_level_template(tiny):
-    (ex,) = common.tokenize([{"prompt": [user("tell me about animals :")],
+    (ex,) = formats.tokenize([{"prompt": [user("tell me about animals :")],
                               "completion": TWO_TURNS[1:], "_where": "x:1"}], tiny, 512, ("completion",))
-    batch = common.collate_single([ex], tiny.pad_token_id, CPU)
+    batch = batching.collate_single([ex], tiny.pad_token_id, CPU)
     labels = [tiny.convert_ids_to_tokens(t) if t != -100 else None for t in batch["labels"][0].tolist()]
     assert labels == ["cat", "dog", "</s>", None, None, None, None, None, None, "apple", "</s>"]
     assert tiny.convert_ids_to_tokens(ex["completion"][3:9]) == ["<|user|>", "and", "fruits", ":", "</s>", "<|assistant|>"]
@@ -81,10 +83,10 @@ def test_two_turn_conversation_on_the_word_level_template(tiny):
 def test_multi_turn_sft_loss_is_the_mean_over_assistant_tokens(chat_model, qwen):
     """sft_loss on a batch equals the naive mean of -log p over the hand-marked assistant tokens."""
     model = common.load_model(chat_model, CPU)
-    (ex,) = common.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:]}], qwen, 512, ("completion",))
-    batch = common.collate_single([ex], qwen.pad_token_id, CPU)
+    (ex,) = formats.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:]}], qwen, 512, ("completion",))
+    batch = batching.collate_single([ex], qwen.pad_token_id, CPU)
     n_scored = int((batch["labels"] != -100).sum())
-    loss = sft.sft_loss(common.token_logps(model, batch), batch["labels"] != -100, n_scored)
+    loss = sft.sft_loss(logprobs.token_logps(model, batch), batch["labels"] != -100, n_scored)
     ids = torch.tensor([ex["prompt"] + ex["completion"]])
     with torch.no_grad():
         logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
@@ -98,9 +100,9 @@ def test_multi_turn_sft_loss_is_the_mean_over_assistant_tokens(chat_model, qwen)
 
 def test_messages_with_one_turn_equal_prompt_completion(tmp_path, qwen):
     chat = [{"role": "system", "content": "be brief"}, user("tell me about animals :"), assistant("cat dog")]
-    a = common.tokenize(common.read_data(write_jsonl(tmp_path / "a.jsonl", [{"messages": chat + [user("bye")]}]),
+    a = formats.tokenize(formats.read_data(write_jsonl(tmp_path / "a.jsonl", [{"messages": chat + [user("bye")]}]),
                                          ("completion",)), qwen, 512, ("completion",))
-    b = common.tokenize(common.read_data(write_jsonl(tmp_path / "b.jsonl", [{"prompt": chat[:2], "completion": chat[2:]}]),
+    b = formats.tokenize(formats.read_data(write_jsonl(tmp_path / "b.jsonl", [{"prompt": chat[:2], "completion": chat[2:]}]),
                                          ("completion",)), qwen, 512, ("completion",))
     assert a == b and "completion_mask" not in a[0]  # a trailing user turn is dropped, nothing left unscored
     assert a[0]["prompt"][:len(encode(qwen, "<|im_start|>system\nbe brief"))] == encode(qwen, "<|im_start|>system\nbe brief")
@@ -120,28 +122,28 @@ def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen
     model = common.load_model(chat_model, CPU)
     batches, lines = {}, []
     for name, row in PAIR_SHAPES.items():
-        rows = common.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))
+        rows = formats.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))
         lines.append(common.NOTES.pop())
-        examples = common.tokenize(rows, qwen, 512, ("chosen", "rejected"))
-        batches[name] = common.collate_pairs(examples, qwen.pad_token_id, CPU)
+        examples = formats.tokenize(rows, qwen, 512, ("chosen", "rejected"))
+        batches[name] = batching.collate_pairs(examples, qwen.pad_token_id, CPU)
     assert [line.split(": ")[1].split(" (")[0] for line in lines] == [
         "prompt/chosen/rejected chat rows", "implicit prompt rows", "H4 rows"] + ["prompt/chosen/rejected chat rows"] * 2
     explicit = batches["explicit"]
     assert explicit["input_ids"][0].tolist() == encode(qwen, SYSTEM + f"<|im_start|>user\n{PROMPT}<|im_end|>\n"
                                                                f"<|im_start|>assistant\n{GOOD}<|im_end|>")
     assert explicit["labels"][0].tolist() == encode(qwen, f"{GOOD}<|im_end|>")  # the user turn is never scored
-    scores = common.token_logps(model, explicit)
+    scores = logprobs.token_logps(model, explicit)
     for name, batch in batches.items():
         assert all(torch.equal(batch[k], explicit[k]) for k in explicit), name
-        assert torch.equal(common.token_logps(model, batch), scores), name
+        assert torch.equal(logprobs.token_logps(model, batch), scores), name
 
 
 def test_multi_turn_implicit_pair_takes_the_shared_turns_as_prompt(tmp_path, qwen):
     chosen, rejected = TWO_TURNS, TWO_TURNS[:3] + [assistant("red")]
-    rows = common.read_data(write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}]),
+    rows = formats.read_data(write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}]),
                             ("chosen", "rejected"))
     assert rows[0]["prompt"] == TWO_TURNS[:3] and rows[0]["chosen"] == TWO_TURNS[3:]
-    (ex,) = common.tokenize(rows, qwen, 512, ("chosen", "rejected"))
+    (ex,) = formats.tokenize(rows, qwen, 512, ("chosen", "rejected"))
     assert ex["chosen"] == encode(qwen, "apple<|im_end|>") and ex["rejected"] == encode(qwen, "red<|im_end|>")
 
 
@@ -153,10 +155,10 @@ def test_kto_and_ppo_read_messages(tmp_path, qwen):
     pairs = kto.read_feedback(write_jsonl(tmp_path / "p.jsonl", [PAIR_SHAPES["implicit"]]))
     assert [(r["prompt"], r["completion"], r["label"]) for r in pairs] == [
         ([user(PROMPT)], [assistant(GOOD)], True), ([user(PROMPT)], [assistant(BAD)], False)]
-    examples = common.tokenize(pairs, qwen, 512, ("completion",))
+    examples = formats.tokenize(pairs, qwen, 512, ("completion",))
     assert examples[0]["completion"] == encode(qwen, f"{GOOD}<|im_end|>")
-    prompts = common.read_data(write_jsonl(tmp_path / "q.jsonl", [{"prompt": [user(PROMPT)]}]), ())
-    (ex,) = common.tokenize(prompts, qwen, 512, ())
+    prompts = formats.read_data(write_jsonl(tmp_path / "q.jsonl", [{"prompt": [user(PROMPT)]}]), ())
+    (ex,) = formats.tokenize(prompts, qwen, 512, ())
     assert ex["prompt"] == encode(qwen, SYSTEM + f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -201,7 +203,7 @@ def test_refusals_name_file_and_line(tmp_path, case):
     path = tmp_path / "data.jsonl"
     write_jsonl(path, rows) if isinstance(rows, list) else path.write_text(rows)
     with pytest.raises(common.UserError, match="^" + re.escape(f"{path}:{message}")):
-        common.read_data(str(path), fields)
+        formats.read_data(str(path), fields)
 
 
 REWRITING = ("{% for m in messages %}<|{{ m['role'] }}|> "  # earlier replies shown as "...", as templates that
@@ -214,18 +216,18 @@ def test_template_that_rewrites_earlier_turns_is_refused(tiny):
     try:
         with pytest.raises(common.UserError, match=r"^data.jsonl:7: the chat template renders messages 1-2 "
                                                    r"differently from the start of the whole conversation"):
-            common.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:], "_where": "data.jsonl:7"}],
+            formats.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:], "_where": "data.jsonl:7"}],
                             tiny, 512, ("completion",))
         # one reply per row renders the same either way: accepted
-        common.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:2]}], tiny, 512, ("completion",))
+        formats.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:2]}], tiny, 512, ("completion",))
     finally:
         tiny.chat_template = template
 
 
 def test_truncation_cuts_the_mask_with_the_completion(qwen):
     row = {"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:]}
-    (whole,) = common.tokenize([row], qwen, 512, ("completion",))
-    (cut,) = common.tokenize([row], qwen, 40, ("completion",))  # the prompt keeps 20 tokens, the completion 20
+    (whole,) = formats.tokenize([row], qwen, 512, ("completion",))
+    (cut,) = formats.tokenize([row], qwen, 40, ("completion",))  # the prompt keeps 20 tokens, the completion 20
     n = len(cut["completion"])
     assert len(cut["prompt"]) == n == 20 and len(whole["completion"]) > 20
     assert cut["completion"] == whole["completion"][:n] and cut["completion_mask"] == whole["completion_mask"][:n]

@@ -12,8 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common
+import batching
 import dpo
+import formats
+import logprobs
 from conftest import naive_completion_logps
+from toy.task import DATA_DIR as TOY_DATA_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,15 +105,15 @@ def test_one_step_on_a_model_raises_chosen_and_lowers_rejected(tiny_model):
     policy = common.load_model(tiny_model, torch.device("cpu"))
     ref = common.frozen(common.load_model(tiny_model, torch.device("cpu")))
     row = {"prompt": "tell me about fruits :", "chosen": "apple pear plum", "rejected": "cat red saw hammer"}
-    batch = common.collate_pairs(common.tokenize([row], tokenizer, 64, ("chosen", "rejected")),
+    batch = batching.collate_pairs(formats.tokenize([row], tokenizer, 64, ("chosen", "rejected")),
                                  tokenizer.pad_token_id, torch.device("cpu"))
     mask = batch["labels"] != -100
-    before = common.sequence_logps(policy, batch)[0].detach()
-    logps = dpo.pair_logps(common.token_logps(policy, batch), common.token_logps(ref, batch).detach(), mask,
+    before = logprobs.sequence_logps(policy, batch)[0].detach()
+    logps = dpo.pair_logps(logprobs.token_logps(policy, batch), logprobs.token_logps(ref, batch).detach(), mask,
                            dpo.parse_args([]), None)
     dpo.dpo_loss(*logps)[0].sum().backward()
     torch.optim.SGD(policy.parameters(), lr=0.1).step()
-    after = common.sequence_logps(policy, batch)[0].detach()
+    after = logprobs.sequence_logps(policy, batch)[0].detach()
     assert after[0] > before[0] and after[1] < before[1]  # rows: chosen, then rejected
 
 
@@ -146,7 +150,7 @@ def test_sampo_draws_uniformly_and_uses_the_same_tokens_for_policy_and_reference
 def small_pairs(tmp_path, n=48, identical=False):
     """The first n toy pairs, outside toy/data so that the (slow) toy eval is skipped."""
     path = tmp_path / "pairs.jsonl"
-    with open(os.path.join(common.TOY_DATA_DIR, "pairs.jsonl")) as src, open(path, "w") as dst:
+    with open(os.path.join(TOY_DATA_DIR, "pairs.jsonl")) as src, open(path, "w") as dst:
         for line in list(src)[:n]:
             row = json.loads(line)
             if identical:

@@ -1,11 +1,16 @@
 """Bad input (issue 7): one line on stderr naming the file (and line) and what to do, exit code 2,
-no traceback, and no output directory left behind. Each case is a real `python sft.py` run; the runs
-start together in one fixture, since each spends its time importing torch."""
+no traceback, and no output directory left behind. A few cases are real `python sft.py` runs (started
+together, since each spends its time importing torch); the rest call the script's main through
+common.run in this process, the same code path without the import cost."""
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import formats
 from conftest import ROOT
 from toy.task import TINY_MODEL_DIR
 
@@ -106,10 +112,32 @@ def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting, "NOBOS": no_bos_model}
 
 
+SUBPROCESS_CASES = ("not_json", "model_path_missing", "model_pickle_only", "dpo_beta_zero")  # the real command line, end to end
+
+
+def run_in_process(script, argv):
+    """(stderr, exit code) of `python script argv`, run through common.run in this process."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    err, cwd, sigterm = io.StringIO(), os.getcwd(), signal.getsignal(signal.SIGTERM)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            common.run(lambda: module.main(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(cwd)
+        signal.signal(signal.SIGTERM, sigterm)
+        common.NOTES.clear()
+        common.PADDING_FREE = None
+    return err.getvalue(), code
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dirs):
-    """Start every case's run at once; return case -> (stderr, exit code, output dir)."""
-    started = {}
+    """Every case's run; return case -> (stderr, exit code, output dir)."""
+    started, done = {}, {}
     for case, (script, contents, flags, _) in CASES.items():
         root = tmp_path_factory.mktemp(case)
         argv = [model_dirs.get(f, f) for f in flags]
@@ -119,10 +147,15 @@ def runs(tmp_path_factory, model_dirs):
                 (path.write_bytes if isinstance(contents, bytes) else path.write_text)(contents)
             argv += ["--data", str(path)]
         out = str(root / "out")
-        proc = subprocess.Popen([sys.executable, script, "--output_dir", out, "--max_steps", "2", *argv],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        started[case] = (proc, out)
-    return {case: (proc.communicate(timeout=300)[1], proc.returncode, out) for case, (proc, out) in started.items()}
+        argv = ["--output_dir", out, "--max_steps", "2", *argv]
+        if case in SUBPROCESS_CASES:
+            started[case] = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True), out
+        else:
+            done[case] = (*run_in_process(script, argv), out)
+    for case, (proc, out) in started.items():
+        done[case] = (proc.communicate(timeout=300)[1], proc.returncode, out)
+    return done
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -158,7 +191,7 @@ def test_kto_label_must_be_boolean(tmp_path):
     path.write_text(jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}))
     expected = f"{path}:2: field 'label' must be true or false, got \"yes\""
     with pytest.raises(common.UserError, match=re.escape(expected)):
-        common.read_jsonl(str(path), ["prompt", "completion", "label"])
+        formats.read_jsonl(str(path), ["prompt", "completion", "label"])
 
 
 @pytest.mark.parametrize("flag, value, bounds, message", [

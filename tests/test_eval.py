@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import common
 import dpo
+import formats
 import kto
 import ld_dpo
 import orpo
@@ -63,7 +64,7 @@ def naive(tiny_model, data):
     each response scored alone through full logits and log_softmax().gather()."""
     tokenizer = common.load_tokenizer(tiny_model)
     model = common.load_model(tiny_model, torch.device("cpu")).eval()
-    pairs = common.tokenize(common.read_jsonl(data["eval_pairs"], ["prompt", "chosen", "rejected"]), tokenizer, 64,
+    pairs = formats.tokenize(formats.read_jsonl(data["eval_pairs"], ["prompt", "chosen", "rejected"]), tokenizer, 64,
                             ("chosen", "rejected"))
 
     def score(prompt, completion):
@@ -87,7 +88,7 @@ def test_sft_eval_loss_is_the_token_mean_nll(tiny_model, data, tmp_path, capsys)
     tokenizer = common.load_tokenizer(tiny_model)
     model = common.load_model(tiny_model, torch.device("cpu")).eval()
     nll = n = 0
-    for e in common.tokenize(common.read_jsonl(data["eval_sft"], ["prompt", "completion"]), tokenizer, 64,
+    for e in formats.tokenize(formats.read_jsonl(data["eval_sft"], ["prompt", "completion"]), tokenizer, 64,
                              ("completion",)):
         with torch.no_grad():
             logits = model(torch.tensor([e["prompt"] + e["completion"]])).logits[0, len(e["prompt"]) - 1:-1]

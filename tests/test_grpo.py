@@ -113,7 +113,7 @@ def test_kl_is_k3_and_zero_when_policy_is_reference():
 def test_masks_come_from_the_first_eos_not_from_pad():
     eos = pad = 2
     generated = torch.tensor([[5, eos, pad, pad], [eos, pad, pad, pad], [5, 6, 7, 8]])  # the last one is cut off
-    assert grpo.completions_from(generated, eos) == [[5, eos], [eos], [5, 6, 7, 8]]
+    assert common.completions_from(generated, eos) == [[5, eos], [eos], [5, 6, 7, 8]]
 
 
 def test_toy_reward_function_takes_strings_and_messages():

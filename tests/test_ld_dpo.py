@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import common
 import dpo
 import ld_dpo
+from toy.task import DATA_DIR as TOY_DATA_DIR
 
 # Two pairs, chosen rows then rejected rows, right-padded with 0:
 #   pair 0: chosen -1 -2 -3 -4 (|y_w| = 4), rejected -5 -6 (|y_l| = 2)          -> l_p = 2
@@ -86,7 +87,7 @@ def test_alpha_outside_0_1_is_a_user_error():
 def small_pairs(tmp_path, n=48):
     """The first n toy pairs, outside toy/data so that the (slow) toy eval is skipped."""
     path = tmp_path / "pairs.jsonl"
-    with open(os.path.join(common.TOY_DATA_DIR, "pairs.jsonl")) as src:
+    with open(os.path.join(TOY_DATA_DIR, "pairs.jsonl")) as src:
         path.write_text("".join(list(src)[:n]))
     return str(path)
 

@@ -1,11 +1,12 @@
-"""common.token_logps (the chunked LM-head path, HeadLogps) against the naive form:
+"""logprobs.token_logps (the chunked LM-head path, HeadLogps) against the naive form:
 full (B, T, V) logits, log_softmax, gather. Values and gradients, left and right padding, 32k+ vocab."""
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import common
+import batching
+import logprobs
 
 VOCAB = 33000  # above 32k, and not a multiple of any chunk size used below
 
@@ -31,7 +32,7 @@ def padded_batch():
     # the last token id is the vocabulary's last
     prompts = [[5, 6, 7], [8], [9, 10]]
     completions = [[11, 12], [13, 14, 15, 16], [VOCAB - 1]]
-    return common.collate(prompts, completions, 0, torch.device("cpu"))
+    return batching.collate(prompts, completions, 0, torch.device("cpu"))
 
 
 def values_and_grads(fn, model, batch, temperature):
@@ -51,9 +52,9 @@ LAYOUTS = {"kept": dict(CHUNK_ELEMENTS=2**24, KEEP_ELEMENTS=2**25), "recomputed"
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, temperature):
     for name, value in LAYOUTS[layout].items():
-        monkeypatch.setattr(common.HeadLogps, name, value)
+        monkeypatch.setattr(logprobs.HeadLogps, name, value)
     model, batch = tiny_llama(), padded_batch()
-    fast, fast_grads = values_and_grads(common.token_logps, model, batch, temperature)
+    fast, fast_grads = values_and_grads(logprobs.token_logps, model, batch, temperature)
     naive, naive_grads = values_and_grads(naive_token_logps, model, batch, temperature)
     assert (fast[batch["labels"] == -100] == 0).all()
     assert (fast[batch["labels"] != -100] < 0).all()
@@ -66,20 +67,20 @@ def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, tem
 def test_token_logps_without_grad_matches_naive():
     model, batch = tiny_llama(), padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
+        torch.testing.assert_close(logprobs.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
     for name, value in LAYOUTS[layout].items():
-        monkeypatch.setattr(common.HeadLogps, name, value)
+        monkeypatch.setattr(logprobs.HeadLogps, name, value)
     torch.manual_seed(0)
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(VOCAB, 8, requires_grad=True)
     bias = torch.randn(VOCAB, requires_grad=True)
     labels = torch.tensor([0, 7, VOCAB - 1, 123, 7])
     upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0])
-    fast = common.HeadLogps.apply(hidden, weight, bias, labels, 2.0)
+    fast = logprobs.HeadLogps.apply(hidden, weight, bias, labels, 2.0)
     fast_grads = torch.autograd.grad((fast * upstream).sum(), (hidden, weight, bias))
     naive = (F.linear(hidden, weight, bias) / 2.0).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     naive_grads = torch.autograd.grad((naive * upstream).sum(), (hidden, weight, bias))
@@ -104,9 +105,9 @@ def test_model_that_transforms_its_logits_is_scored_plainly():
     model.load_state_dict(plain.state_dict())
     batch = padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(common.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
+        torch.testing.assert_close(logprobs.token_logps(model, batch), naive_token_logps(model, batch), rtol=0, atol=2e-6)
         # and not the head's own log-probs, which would ignore the doubling
-        assert not torch.allclose(common.token_logps(model, batch), common.token_logps(plain, batch))
+        assert not torch.allclose(logprobs.token_logps(model, batch), logprobs.token_logps(plain, batch))
 
 
 def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32():
@@ -123,4 +124,4 @@ def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32():
                        position_ids=batch["position_ids"]).logits[:, -batch["labels"].shape[1] - 1:-1]
         expected = (logits.float() / 0.7).log_softmax(-1).gather(-1, batch["labels"].clamp(min=0)[..., None])
         expected = expected.squeeze(-1).masked_fill(batch["labels"] == -100, 0.0)
-        torch.testing.assert_close(common.token_logps(model, batch, 0.7), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logprobs.token_logps(model, batch, 0.7), expected, rtol=0, atol=1e-6)

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import common
 import orpo
 from conftest import naive_completion_logps
+from toy.task import DATA_DIR as TOY_DATA_DIR
 
 PAIRS = [
     {"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
@@ -116,7 +116,7 @@ def test_end_to_end_heldout_accuracy_rises(sft_model, tmp_path):
 def test_torchrun_two_processes_match_one(sft_model, tmp_path):
     # ORPO, 3 steps: 2 processes x batch 4 (FSDP2 on gloo) against 1 process x batch 8
     data = tmp_path / "pairs.jsonl"  # the first 48 toy pairs, outside toy/data so that the slow toy eval is skipped
-    with open(os.path.join(common.TOY_DATA_DIR, "pairs.jsonl")) as f:
+    with open(os.path.join(TOY_DATA_DIR, "pairs.jsonl")) as f:
         data.write_text("".join(list(f)[:48]))
     flags = ["--model", sft_model, "--data", str(data), "--max_steps", "3", "--log_every", "1", "--lr", "1e-3"]
     orpo.main([*flags, "--output_dir", str(tmp_path / "one"), "--batch_size", "8"])

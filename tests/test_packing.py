@@ -1,4 +1,4 @@
-"""Padding-free batches: common.pack's layout by hand, packed == padded for every script's forwards
+"""Padding-free batches: batching.pack's layout by hand, packed == padded for every script's forwards
 (lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout."""
 import json
 import os
@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
+import batching
 import common
 import dpo
 import kto
+import logprobs
 import ppo
 import rm
 
@@ -51,8 +53,8 @@ def layout(monkeypatch):
 
 def test_pack_layout_by_hand():
     # lengths (prompt + completion): 3 + 2 = 5, 1 + 1 = 2, 2 + 4 = 6; the padded width W = 3 + 4 = 7
-    batch = common.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, CPU)
-    packed = common.pack(batch)
+    batch = batching.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, CPU)
+    packed = batching.pack(batch)
     # first fit by decreasing length into rows of at most 7: row 0 = seq 2 (6), row 1 = seq 0 (5) + seq 1 (2)
     assert packed["input_ids"].tolist() == [[9, 10, 14, 15, 16, 17, 0], [5, 6, 7, 11, 12, 8, 13]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 4, 0, 1]]
@@ -70,10 +72,10 @@ def test_packed_rows_never_exceed_the_padded_batch(seed):
     n = int(torch.randint(1, 12, (1,), generator=g))
     prompts = [[3] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
     completions = [[4] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
-    batch = common.collate(prompts, completions, 0, CPU)
-    (B, W), (R, T) = batch["input_ids"].shape, common.pack(batch)["input_ids"].shape
+    batch = batching.collate(prompts, completions, 0, CPU)
+    (B, W), (R, T) = batch["input_ids"].shape, batching.pack(batch)["input_ids"].shape
     assert R <= B and T <= W and R * T * T <= B * W * W  # activations and the (T x T) mask
-    assert (common.pack(batch)["index"] >= 0).sum() == batch["attention_mask"].sum()  # every token once
+    assert (batching.pack(batch)["index"] >= 0).sum() == batch["attention_mask"].sum()  # every token once
 
 
 def values_and_grads(model, fn):
@@ -95,8 +97,8 @@ def assert_same(padded, packed):
 def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature):
     """sft (collate_single), dpo, ld_dpo, simpo, orpo (collate_pairs): training forwards with gradients."""
     model = tiny_llama()
-    for batch in (common.collate_single(SINGLE, 0, CPU), common.collate_pairs(PAIRS, 0, CPU)):
-        padded, packed = layout(values_and_grads, model, lambda: common.token_logps(model, batch, temperature))
+    for batch in (batching.collate_single(SINGLE, 0, CPU), batching.collate_pairs(PAIRS, 0, CPU)):
+        padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch, temperature))
         assert (padded[0][batch["labels"] != -100] < 0).all()
         assert_same(padded, packed)
 
@@ -104,16 +106,16 @@ def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature):
 def test_reference_forwards_packed_equal_padded(layout):
     """dpo/ld_dpo's reference and precompute_ref (no grad), kto's matched and mismatched halves."""
     reference = common.frozen(tiny_llama(1))
-    pairs = common.collate_pairs(PAIRS, 0, CPU)
+    pairs = batching.collate_pairs(PAIRS, 0, CPU)
     with torch.no_grad():
-        padded, packed = layout(common.token_logps, reference, pairs)
+        padded, packed = layout(logprobs.token_logps, reference, pairs)
         torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
         batch = kto.collate_with_mismatched(SINGLE, 0, CPU)
         for rows in (batch, kto.rows_slice(batch, len(SINGLE), None)):
-            padded, packed = layout(lambda b: common.sequence_logps(reference, b)[0], rows)
+            padded, packed = layout(lambda b: logprobs.sequence_logps(reference, b)[0], rows)
             torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     model = tiny_llama()  # and kto's trained forward, on the matched half
-    padded, packed = layout(values_and_grads, model, lambda: common.sequence_logps(
+    padded, packed = layout(values_and_grads, model, lambda: logprobs.sequence_logps(
         model, kto.rows_slice(batch, 0, len(SINGLE)))[0])
     assert_same(padded, packed)
 
@@ -127,7 +129,7 @@ def reward_model(seed=2):
 
 def test_reward_and_value_forwards_packed_equal_padded(layout):
     """rm.py's last-token rewards (trained) and ppo's per-token values (trained) and scores."""
-    model, batch = reward_model(), common.collate_pairs(PAIRS, 0, CPU)
+    model, batch = reward_model(), batching.collate_pairs(PAIRS, 0, CPU)
     assert_same(*layout(values_and_grads, model, lambda: rm.last_token_rewards(model, batch)))
     mask = batch["labels"] != -100  # values on padding are never read (ppo masks them)
     assert_same(*layout(values_and_grads, model, lambda: ppo.token_values(model, batch) * mask))
@@ -135,13 +137,13 @@ def test_reward_and_value_forwards_packed_equal_padded(layout):
 
 def test_ppo_policy_forwards_packed_equal_padded(layout):
     """ppo.py: the trained policy's log-probs and entropies, the rollout's old and reference log-probs."""
-    policy, batch = tiny_llama(), common.collate_single(SINGLE, 0, CPU)
-    padded, packed = layout(values_and_grads, policy, lambda: common.logps_and_entropy(policy, batch, 0.7)[0])
+    policy, batch = tiny_llama(), batching.collate_single(SINGLE, 0, CPU)
+    padded, packed = layout(values_and_grads, policy, lambda: logprobs.logps_and_entropy(policy, batch, 0.7)[0])
     assert_same(padded, packed)
     with torch.no_grad():
-        padded, packed = layout(common.logps_and_entropy, policy, batch, 0.7)
+        padded, packed = layout(logprobs.logps_and_entropy, policy, batch, 0.7)
         torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-5)  # entropies
-        torch.testing.assert_close(packed[0], common.token_logps(policy, batch, 0.7), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed[0], logprobs.token_logps(policy, batch, 0.7), rtol=0, atol=1e-5)
 
 
 class IgnoresPositions(LlamaForCausalLM):
@@ -155,25 +157,25 @@ def test_start_up_check_packs_a_good_model_and_falls_back_for_one_that_ignores_p
     good = tiny_llama()
     bad = IgnoresPositions(good.config)
     bad.load_state_dict(good.state_dict())
-    assert common.packs(good) and capsys.readouterr().err == ""
-    assert not common.packs(bad)
+    assert logprobs.packs(good) and capsys.readouterr().err == ""
+    assert not logprobs.packs(bad)
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1 and "IgnoresPositions pads its batches" in notice
-    assert not common.packs(bad) and capsys.readouterr().err == ""  # checked once
-    batch = common.collate_pairs(PAIRS, 0, CPU)
+    assert not logprobs.packs(bad) and capsys.readouterr().err == ""  # checked once
+    batch = batching.collate_pairs(PAIRS, 0, CPU)
     with torch.no_grad():  # padded (fallback) scores equal the model scored padded; forced packing would not
-        fallback = common.token_logps(bad, batch)
-        torch.testing.assert_close(fallback, common.token_logps(good, batch), rtol=0, atol=1e-5)
+        fallback = logprobs.token_logps(bad, batch)
+        torch.testing.assert_close(fallback, logprobs.token_logps(good, batch), rtol=0, atol=1e-5)
         common.PADDING_FREE = True
         try:
-            forced = common.token_logps(bad, batch)
+            forced = logprobs.token_logps(bad, batch)
         finally:
             common.PADDING_FREE = None
     assert (forced - fallback).abs().max() > 1e-2
 
 
 def test_flags_force_either_layout():
-    parser = common.base_parser("x", data="d")
+    parser = common.base_parser("x", data="d", model="m")
     assert [parser.parse_args(a).padding_free for a in ([], ["--padding_free"], ["--no-padding_free"])] == \
         [None, True, False]
 
@@ -191,8 +193,8 @@ def metrics(path):
 def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, monkeypatch):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    packed_batches, pack = [], common.pack
-    monkeypatch.setattr(common, "pack", lambda batch: packed_batches.append(1) or pack(batch))
+    packed_batches, pack = [], batching.pack
+    monkeypatch.setattr(logprobs, "pack", lambda batch: packed_batches.append(1) or pack(batch))
     runs = []
     for flag in ("--padding_free", "--no-padding_free"):
         out = str(tmp_path / flag)

@@ -7,7 +7,10 @@ import sys
 import pytest
 import torch
 
+import batching
 import common
+import formats
+import logprobs
 import ppo
 import rm
 
@@ -96,9 +99,9 @@ def test_score_lands_on_the_last_response_token_when_pad_is_eos():
         [eos, pad, pad, pad, pad],  # EOS first: a one-token response
         [5, 6, 7, 8, 9],         # cut off without EOS: the score goes on the last token
     ])
-    completions = ppo.completions_from(generated, eos)
+    completions = common.completions_from(generated, eos)
     assert completions == [[5, 6, eos], [eos], [5, 6, 7, 8, 9]]
-    batch = common.collate([[1, 10], [1], [1, 11, 12]], completions, pad, CPU)
+    batch = batching.collate([[1, 10], [1], [1, 11, 12]], completions, pad, CPU)
     mask = (batch["labels"] != -100).float()
     old_logps = torch.full((3, 5), 0.5)  # logp - ref_logp = 0.2 everywhere, also on padding
     ref_logps = torch.full((3, 5), 0.3)
@@ -131,15 +134,15 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     tokenizer, policy = common.load_policy(args, CPU)
     policy.generation_config.top_k = 50  # hub-style defaults that must not leak into PPO's sampling
     policy.generation_config.repetition_penalty = 1.5
-    ppo.set_sampling(policy, args, tokenizer)
+    common.set_sampling(policy, args, tokenizer)
     value_model = rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
-    prompts = common.tokenize(rows, tokenizer, 64, ())
+    prompts = formats.tokenize(rows, tokenizer, 64, ())
 
     torch.manual_seed(0)
     batch, has_eos, old = ppo.rollout(policy, policy, value_model, value_model, prompts, tokenizer, args, CPU)
     torch.manual_seed(0)  # the same draw again, now keeping generate's own (processed) scores
-    query = common.collate_prompts(prompts, tokenizer.pad_token_id, CPU)
+    query = batching.collate_prompts(prompts, tokenizer.pad_token_id, CPU)
     out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
                           output_scores=True, return_dict_in_generate=True)
 
@@ -152,7 +155,7 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     assert torch.equal(has_eos, batch["labels"].gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)
                        == tokenizer.eos_token_id)
     # the update's forward scores the same log-probs
-    logps, _ = common.logps_and_entropy(policy, batch, args.temperature)
+    logps, _ = logprobs.logps_and_entropy(policy, batch, args.temperature)
     torch.testing.assert_close(logps, old["old_logps"], atol=1e-6, rtol=0)
 
 
@@ -165,14 +168,14 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
                            "bfloat16"])
     tokenizer, policy = common.load_policy(args, CPU)
     assert policy.dtype == torch.bfloat16
-    ppo.set_sampling(policy, args, tokenizer)
+    common.set_sampling(policy, args, tokenizer)
     value_model = rm.RewardModel(common.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     torch.manual_seed(0)
-    batch, _, old = ppo.rollout(policy, policy, value_model, value_model, common.tokenize(rows, tokenizer, 64, ()),
+    batch, _, old = ppo.rollout(policy, policy, value_model, value_model, formats.tokenize(rows, tokenizer, 64, ()),
                                 tokenizer, args, CPU)
     assert policy.training  # rollout hands the policy back in train mode, as the update uses it
-    logps, _ = common.logps_and_entropy(policy, batch, args.temperature)
+    logps, _ = logprobs.logps_and_entropy(policy, batch, args.temperature)
     mask = batch["labels"] != -100
     assert mask.sum() > 6 and logps.dtype == old["old_logps"].dtype == torch.float32
     torch.testing.assert_close(logps[mask], old["old_logps"][mask], atol=1e-6, rtol=0)

@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
+import batching
 import common
+import formats
 import rm
 
 CPU = torch.device("cpu")
@@ -40,7 +42,7 @@ def test_reward_is_read_at_the_last_real_token(tiny_rm):
     tokenizer, model = tiny_rm
     eos = tokenizer.eos_token_id
     prompts, completions = [[1, 10, 11], [1, 12]], [[20, 21, eos], [22, eos]]
-    batch = common.collate(prompts, completions, tokenizer.pad_token_id, CPU)
+    batch = batching.collate(prompts, completions, tokenizer.pad_token_id, CPU)
     with torch.no_grad():
         rewards = rm.last_token_rewards(model, batch)
         values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
@@ -48,15 +50,15 @@ def test_reward_is_read_at_the_last_real_token(tiny_rm):
         # (rewards come from a packed forward, values from the padded one: equal up to float rounding)
         torch.testing.assert_close(rewards, torch.stack([values[0, 5], values[1, 4]]), atol=1e-5, rtol=0)
         # and the padding around a row changes nothing: the same row scored alone
-        alone = rm.last_token_rewards(model, common.collate(prompts[1:], completions[1:], tokenizer.pad_token_id, CPU))
+        alone = rm.last_token_rewards(model, batching.collate(prompts[1:], completions[1:], tokenizer.pad_token_id, CPU))
     torch.testing.assert_close(rewards[1:], alone, atol=1e-5, rtol=0)
 
 
 def test_saved_reward_model_scores_exactly_as_before(tiny_rm, tmp_path):
     tokenizer, model = tiny_rm
-    examples = common.tokenize([{"prompt": "tell me about animals :", "chosen": "cat dog", "rejected": "red"}] * 2,
+    examples = formats.tokenize([{"prompt": "tell me about animals :", "chosen": "cat dog", "rejected": "red"}] * 2,
                                tokenizer, 64, ("chosen", "rejected"))
-    batch = common.collate_pairs(examples, tokenizer.pad_token_id, CPU)
+    batch = batching.collate_pairs(examples, tokenizer.pad_token_id, CPU)
     rm.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
     assert sorted(f for f in os.listdir(tmp_path / "rm") if f.endswith(".safetensors")) == [
         "model.safetensors", rm.HEAD_FILE]

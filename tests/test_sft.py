@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import common
+import logprobs
 import sft
 from toy.task import DATA_DIR
 
@@ -28,7 +28,7 @@ def test_sft_loss_by_hand():
     peaked, flat = [ln2, 0, 0, 0, 0], [0, 0, 0, 0, 0]
     logits = torch.tensor([[peaked, peaked, flat], [flat, peaked, peaked]])
     labels = torch.tensor([[0, 3, -100], [-100, 0, 4]])
-    token_logps = common.gather_logps(logits, labels)
+    token_logps = logprobs.gather_logps(logits, labels)
     # scored: -ln 3 (row 0, class 0 of peaked), -ln 6 (row 0, class 3), -ln 3 (row 1), -ln 6 (row 1, class 4)
     # token mean over the 4 tokens: (2 ln 3 + 2 ln 6) / 4 = (2.1972246 + 3.5835189) / 4 = 1.4451859
     loss = sft.sft_loss(token_logps, labels != -100, n_tokens=4)

@@ -3,7 +3,9 @@ import os
 
 import torch
 
+import batching
 import common
+import formats
 from toy.task import DATA_DIR, gold_score
 
 
@@ -11,9 +13,9 @@ from toy.task import DATA_DIR, gold_score
 def evaluate(model, tokenizer, args, device, max_new_tokens=32):
     """Sampled generations (T=1, seeded) on the toy eval prompts: `eval/gold_score` and `eval/mean_length`
     (tokens, with EOS). Sampling, not greedy: the score is then a property of the whole policy."""
-    rows = common.read_jsonl(os.path.join(DATA_DIR, "eval_prompts.jsonl"), ["prompt"])
+    rows = formats.read_jsonl(os.path.join(DATA_DIR, "eval_prompts.jsonl"), ["prompt"])
     mine = rows[common.rank()::common.world()]
-    batch = common.collate_prompts(common.tokenize(mine, tokenizer, args.max_length, ()), tokenizer.pad_token_id, device)
+    batch = batching.collate_prompts(formats.tokenize(mine, tokenizer, args.max_length, ()), tokenizer.pad_token_id, device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     was_training = model.training
     model.eval()

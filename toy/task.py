@@ -40,6 +40,7 @@ CHAT_TEMPLATE = (
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "data")
 TINY_MODEL_DIR = os.path.join(HERE, "tiny-llama")
+SFT_MODEL_DIR = "out/sft"  # where `python sft.py` leaves the toy SFT policy the other scripts start from
 
 
 def topics_of(prompt):
@@ -143,6 +144,16 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, seed=0):
         if not os.path.isdir(out_dir):
             raise
         shutil.rmtree(tmp)
+
+
+def ensure_model(path):
+    """The scripts' default models: build the tiny model on first use; out/sft comes from `python sft.py`."""
+    from common import UserError
+
+    if path == TINY_MODEL_DIR and not os.path.exists(path):
+        build_tiny_model(path)
+    if path == SFT_MODEL_DIR and not os.path.exists(path):
+        raise UserError(f"{path} does not exist: run `python sft.py` first, or pass --model")
 
 
 if __name__ == "__main__":

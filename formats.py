@@ -1,0 +1,277 @@
+"""Data files -> token ids: the accepted JSONL shapes, their validation (one line naming the file and
+line), tokenization with the chat template, and the --max_length rule (README: Bring your own data).
+"""
+import json
+import os
+import sys
+
+from common import NOTES, UserError, rank
+
+
+def read_jsonl(path, required):
+    """Rows of a JSONL file, each with the `required` fields; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{n}: not valid UTF-8; re-encode the file as UTF-8") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not rows and not line.startswith("{"):
+                    raise UserError(f"{path}:{n}: expected JSONL, one object per line; {not_jsonl(line)}") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                if not rows:
+                    raise UserError(f"{path}:{n}: expected JSONL, one object per line; {not_jsonl(line)}")
+                raise UserError(f"{path}:{n}: expected a JSON object with fields {', '.join(required)}")
+            for field in required:
+                if field not in row:
+                    raise UserError(f"{path}:{n}: missing field {field!r}; each line needs {', '.join(required)}")
+                check_field(row[field], f"{path}:{n}: field {field!r}", field)
+            row["_where"] = f"{path}:{n}"
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no examples; the file is empty")
+    return rows
+
+
+def not_jsonl(first_line):
+    if first_line.startswith("["):
+        return "this is a JSON array: write one object per line (e.g. jq -c '.[]' data.json > data.jsonl)"
+    return "this looks like CSV or plain text: convert it to one JSON object per line"
+
+
+def check_field(value, where, field):
+    if field == "label":
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {json.dumps(value)}")
+        return
+    if isinstance(value, list):
+        if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                and isinstance(m.get("content"), str) for m in value):
+            raise UserError(f"{where} must be a list of {{'role': str, 'content': str}} messages")
+        value = "".join(m["content"] for m in value)
+    elif not isinstance(value, str):
+        raise UserError(f"{where} must be a string or a list of messages, got {json.dumps(value)}")
+    if not value.strip() and field != "prompt":
+        raise UserError(f"{where} is empty; remove the line or fill it in")
+
+
+def row_shape(row, fields):
+    """The shape of a data row, from its fields (and, for pairs with a prompt, whether the lists repeat it)."""
+    def repeats_prompt(value):  # H4 style: the conversation starts with the prompt's turns
+        return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+    if fields == ("completion",) and "messages" in row and "completion" not in row:
+        return "messages"
+    if fields == ("chosen", "rejected") and "prompt" not in row and "chosen" in row:
+        return "implicit prompt"
+    if fields == ("chosen", "rejected") and repeats_prompt(row.get("chosen")) and repeats_prompt(row.get("rejected")):
+        return "H4"
+    chat = any(isinstance(row[f], list) for f in ("prompt", *fields) if f in row and f != "label")
+    return "/".join(["prompt", *fields]) + (" chat" if chat else " text")
+
+
+SHAPES = {  # what the one stderr line says about each detected shape
+    "messages": "conversations, loss on every assistant turn and nothing else",
+    "implicit prompt": "chosen/rejected conversations; the prompt is the messages they share",
+    "H4": "a prompt plus chosen/rejected conversations that repeat it; the conversations are used",
+    "text": "plain text, no chat template",
+    "chat": "chat messages, rendered with the tokenizer's chat template",
+}
+
+
+def read_data(path, fields):
+    """A data file in any accepted shape, as rows {"prompt", *fields, "_where"} that tokenize() takes.
+
+    fields: ("completion",) for SFT, ("chosen", "rejected") for pairs, ("completion", "label") for
+    unpaired feedback, () for prompts. The first row's fields pick the shape (one stderr line says
+    which, in NOTES); every later row must have it. Chat rows come out as a list of prompt messages and
+    completions that start with an assistant turn; only SFT completions may hold later user turns,
+    which are never scored. A string beside messages is a user prompt or an assistant reply.
+    """
+    rows = read_jsonl(path, [])
+    shape = row_shape(rows[0], fields)
+    for row in rows:
+        where = row["_where"]
+        if row_shape(row, fields) != shape:
+            raise UserError(f"{where}: a {row_shape(row, fields)} row, but the first row is {shape}; "
+                            "every row must have the same shape")
+        required = {"messages": ["messages"], "implicit prompt": ["chosen", "rejected"]}.get(shape, ["prompt", *fields])
+        for field in required:
+            if field not in row:
+                other = {("completion",): " (or one 'messages' conversation)",
+                         ("chosen", "rejected"): " (or chosen and rejected conversations)"}.get(fields, "")
+                raise UserError(f"{where}: missing field {field!r}; each line needs {', '.join(required)}{other}")
+            check_field(row[field], f"{where}: field {field!r}", field)
+        if shape == "messages":
+            row.update(split_conversation(row.pop("messages"), where))
+        elif shape in ("implicit prompt", "H4"):
+            row.update(extract_prompt(row, where))
+        elif shape.endswith(" chat"):
+            if isinstance(row["prompt"], str):
+                row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+            for f in fields:
+                if isinstance(row[f], str) and f != "label":
+                    row[f] = [{"role": "assistant", "content": row[f]}]
+        for f in fields if shape.endswith(" chat") or shape in ("implicit prompt", "H4") else ():
+            if f != "label":
+                check_reply(row[f], f, fields, where)
+    if rank() == 0:
+        NOTES.append(f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})")
+    return rows
+
+
+def split_conversation(messages, where):
+    """A `messages` conversation as prompt (before the first assistant turn) and completion (through the last)."""
+    scored = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not scored:
+        raise UserError(f"{where}: field 'messages' has no assistant turn, so nothing to train on")
+    if scored[0] == 0:
+        raise UserError(f"{where}: field 'messages' starts with an assistant turn; put the user turn it answers first")
+    return {"prompt": messages[: scored[0]], "completion": messages[scored[0]: scored[-1] + 1]}
+
+
+def extract_prompt(row, where):
+    """Implicit and H4 pairs: the prompt is the longest run of messages chosen and rejected start with."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise UserError(f"{where}: without a 'prompt' field, 'chosen' and 'rejected' must both be lists of messages "
+                        "that start with the same prompt turns; for plain text, add a 'prompt' field")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise UserError(f"{where}: 'chosen' and 'rejected' do not start with the same message, so they share no prompt")
+    prompt = row.get("prompt")
+    ambiguous = (prompt != chosen[: len(prompt)] or len(prompt) > n if isinstance(prompt, list)
+                 else prompt is not None and prompt.strip() not in [m["content"].strip() for m in chosen[:n]])
+    if ambiguous:
+        raise UserError(f"{where}: field 'prompt' is not among the turns 'chosen' and 'rejected' share, so "
+                        "which prompt to train on is ambiguous; drop 'prompt' or make it the shared user turn")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def check_reply(messages, field, fields, where):
+    """A chat completion starts with an assistant turn; outside SFT it is exactly one assistant turn."""
+    roles = [m["role"] for m in messages]
+    if not roles:
+        raise UserError(f"{where}: field {field!r} has no reply after the prompt that 'chosen' and 'rejected' share")
+    if roles[0] != "assistant" or (fields != ("completion",) and roles != ["assistant"]):
+        need = "start with the assistant's reply" if fields == ("completion",) else "be one assistant reply"
+        raise UserError(f"{where}: field {field!r} must {need} (its roles: {', '.join(roles)}); give whole "
+                        "conversations as " + ("'messages'" if fields == ("completion",) else
+                                               "'chosen' and 'rejected' lists that both repeat the prompt"))
+
+
+def encode_prompt(tokenizer, prompt):
+    """A plain prompt as the tokenizer encodes text (with BOS if it adds one); messages via the chat template."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def chat_pieces(tokenizer, prompt, completion, where):
+    """The text after the prompt through the last assistant turn, as (text, scored) pieces.
+
+    Each assistant turn of `completion` is scored from where the template starts generating it
+    (the render of the messages before it with add_generation_prompt) to the end of the render
+    through it; user turns and role headers between are not. No template syntax is assumed, but
+    each render must be the start of the whole conversation's.
+    """
+    chat = prompt + completion
+
+    def render(n, generation=False):
+        return tokenizer.apply_chat_template(chat[:n], add_generation_prompt=generation, tokenize=False)
+
+    full, pos, pieces = render(len(chat)), len(render(len(prompt), True)), []
+    for i in range(len(prompt), len(chat)):
+        if chat[i]["role"] != "assistant":
+            continue
+        head, end = render(i, True), render(i + 1)
+        if not (full.startswith(head) and full.startswith(end) and pos <= len(head) <= len(end)):
+            raise UserError(f"{where}: the chat template renders messages 1-{i + 1} differently from the start of the "
+                            "whole conversation (it rewrites earlier turns), so the assistant turns cannot be "
+                            "located; use a template that renders each turn the same way, or one reply per row")
+        pieces += [(full[pos: len(head)], False), (full[len(head): len(end)], True)]
+        pos = len(end)
+    return [(text, scored) for text, scored in pieces if text]
+
+
+def encode_completion(tokenizer, prompt, completion, where="?"):
+    """(ids, mask): completion ids ending in exactly one EOS, and None when every id is scored, else a
+    0/1 list over the ids (a chat whose completion holds later user turns: 1 on assistant tokens only).
+
+    An assistant turn is scored through the last EOS the template writes in it (all of it if none);
+    what follows (the template's newline, the next turn) is not. The completion ends after its last
+    scored token, with an EOS appended if the template wrote none.
+    """
+    eos = tokenizer.eos_token_id
+    pieces = chat_pieces(tokenizer, prompt, completion, where) if isinstance(completion, list) else [(completion, True)]
+    ids, mask = [], []
+    for text, scored in pieces:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        n = (len(piece) - piece[::-1].index(eos) if eos in piece else len(piece)) if scored else 0
+        ids, mask = ids + piece, mask + [1] * n + [0] * (len(piece) - n)
+    end = len(mask) - mask[::-1].index(1) if 1 in mask else 0
+    ids, mask = ids[:end], mask[:end]
+    if not ids or ids[-1] != eos:
+        ids, mask = ids + [eos], mask + [1]
+    return ids, None if all(mask) else mask
+
+
+def truncate(prompt_ids, completion_lens, max_length):
+    """The --max_length rule: cut the prompt from the left first, keeping at least half of max_length
+    for it (if it has that many); completions are then cut from the right to fit. Returns
+    (prompt_ids, completion budget, whether anything was cut)."""
+    longest = max(completion_lens)
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, max_length - len(prompt_ids), False
+    keep = min(len(prompt_ids), max(max_length - longest, max_length // 2))
+    return prompt_ids[len(prompt_ids) - keep:], max_length - keep, True
+
+
+def tokenize(rows, tokenizer, max_length, fields):
+    """Tokenize each row into {"prompt": ids, field: ids for field in fields, "label"?, "completion_mask"?}.
+
+    `fields` are the completion fields: ("completion",), ("chosen", "rejected"), or () for prompts.
+    The prompt is tokenized once and shared by a pair's two completions. A multi-turn chat (SFT) also
+    gets "completion_mask", 0/1 over the completion ids: its user turns and role headers sit in the
+    completion but are never scored (collate's `masks`).
+    The first completion token is
+    always predicted from a prompt token (BOS, for an empty prompt), never from padding: a prompt of zero
+    tokens is an error, and so is a max_length that cannot keep one prompt token and a whole completion.
+    """
+    examples, cut_at, unfit = [], [], []
+    for row in rows:
+        where, prompt = row.get("_where", "?"), encode_prompt(tokenizer, row["prompt"])
+        if not prompt:
+            raise UserError(f"{where}: the prompt is empty after tokenization and this tokenizer adds no BOS "
+                            "token, so no token would predict the completion's first token; give it a prompt")
+        encoded = [encode_completion(tokenizer, row["prompt"], row[f], where) for f in fields]
+        need = 1 + max((len(ids) for ids, _ in encoded), default=0)  # one prompt token and the longest whole completion
+        unfit += [(where, need)] * (need > max_length)
+        prompt, budget, cut = truncate(prompt, [len(ids) for ids, _ in encoded] or [0], max_length)
+        cut_at += [where] * cut
+        ex = {"prompt": prompt, **{f: ids[:budget] for f, (ids, _) in zip(fields, encoded)}}
+        ex.update({f"{f}_mask": mask[:budget] for f, (_, mask) in zip(fields, encoded) if mask})
+        if "label" in row:
+            ex["label"] = row["label"]
+        examples.append(ex)
+    if unfit:
+        raise UserError(f"{unfit[0][0]}: --max_length {max_length} cannot hold one prompt token and the whole "
+                        f"completion, EOS included ({len(unfit)} of {len(rows)} examples); use --max_length "
+                        f"{max(need for _, need in unfit)} or more")
+    if cut_at and rank() == 0:
+        print(f"warning: {len(cut_at)} of {len(rows)} examples (the first at {cut_at[0]}) are longer than "
+              f"--max_length {max_length} and were truncated, not dropped (prompt from the left first, then the "
+              "completion); raise --max_length to keep them whole", file=sys.stderr)
+    return examples

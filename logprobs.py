@@ -1,0 +1,231 @@
+"""A batch -> per-token log-probs of its completion tokens, from a padded or a packed forward.
+
+token_logps is the one path every script scores through: the LM head projects only the positions
+that predict a completion token (HeadLogps), and the model runs on the packed form of the batch
+when packs(model) (batching.pack; --padding_free, else a start-up check per model).
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import common
+from batching import collate, pack, unpack
+from common import rank, unwrapped_class
+
+
+def gather_logps(logits, labels, chunk_rows=8):
+    """log softmax(logits)[labels] per position (already aligned), 0.0 where labels == -100. As logit[label] -
+    logsumexp a few rows at a time in float32: no float32 copy of the full (B, T, V) log-softmax exists."""
+    mask = labels != -100
+    index = labels.masked_fill(~mask, 0).unsqueeze(-1)
+    out = []
+    for lg, ix in zip(logits.split(chunk_rows), index.split(chunk_rows)):
+        lg = lg.float()
+        out.append(lg.gather(-1, ix).squeeze(-1) - lg.logsumexp(-1))
+    return torch.cat(out).masked_fill(~mask, 0.0)
+
+
+def token_logps(model, batch, temperature=1.0):
+    """Per-token log-probs (B, C) of the completion columns, 0.0 on padding (packed or padded forward: see pack).
+
+    For this one forward the LM head scores the labels itself (HeadLogps) instead of returning
+    logits: it projects only the positions that predict a completion token (no prompt, no
+    padding), and its float32 logits stay within HeadLogps' memory budget, forward and backward.
+    """
+    labels = batch["labels"]
+    mask = labels != -100
+    head = model.get_output_embeddings()
+    scored = []
+
+    def score(hidden):
+        scored.append(HeadLogps.apply(hidden, head.weight, head.bias, labels[mask], temperature))
+        return scored[-1]
+
+    logps = completion_logits(model, batch, score)
+    if not scored or logps is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
+        logits = completion_logits(model, batch)
+        logps = gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels[mask])  # float32 / T
+    return spread(logps, mask)
+
+
+def completion_logits(model, batch, score=None):
+    """One forward in which the LM head sees only the (N, H) hidden states that predict the N completion
+    tokens labels[labels != -100] (row-major), packed or padded (see pack). Returns the logits there (N, V),
+    after any change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
+    labels = batch["labels"]
+    mask = labels != -100
+    if packs(model):
+        packed = pack(batch)
+        P = batch["input_ids"].shape[1] - labels.shape[1]
+        where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
+        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+
+        def select(hidden):
+            return hidden.flatten(0, 1)[where]
+    else:
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1)
+
+        def select(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
+            return hidden[:, :-1][mask]
+    head = model.get_output_embeddings()
+    project, called = score or head.forward, []
+
+    def head_forward(hidden):
+        called.append(True)
+        return project(select(hidden))
+
+    own_forward = vars(head).pop("forward", None)  # an instance attribute shadows the class's forward
+    head.forward = head_forward
+    try:
+        out = model(**inputs, use_cache=False)
+    finally:
+        del head.forward
+        if own_forward is not None:
+            head.forward = own_forward
+    return out.logits if called else select(out.logits)  # a model that never calls its head: full logits
+
+
+def logps_and_entropy(model, batch, temperature):
+    """token_logps with a gradient through full logits (N, V), plus the entropy of pi(.|state) at each
+    response position (no grad): PPO's and GRPO's update. logits / T in float32, as the rollout's scoring."""
+    mask = batch["labels"] != -100
+    logits = completion_logits(model, batch).float() / temperature
+    with torch.no_grad():
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    return spread(gather_logps(logits, batch["labels"][mask]), mask), spread(entropy, mask)
+
+
+def spread(values, mask):
+    """(N,) values back to the completion columns (B, C) where mask is True, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
+
+    d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
+    (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
+    Otherwise the float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward
+    keeps each row's logsumexp only, the backward recomputes a chunk's logits and turns them in
+    place into their gradient. Chunks stay large for efficient matmuls (each re-reads the weight).
+    """
+    CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
+    KEEP_ELEMENTS = 2**25  # 128 MB: a DPO batch at a 32k vocabulary keeps it; 1k tokens at 128k recompute
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature):
+        keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
+        rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep)
+                  for h, y in zip(hidden.split(rows), labels.split(rows))]
+        logps, lse, probs = zip(*chunks)
+        logps, lse = torch.cat(logps), torch.cat(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, probs[0] if keep else None)
+        ctx.rows, ctx.temperature = rows, temperature
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        grad_hidden = torch.cat([
+            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs)
+            for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+    @staticmethod
+    def chunk_logits(h, weight, bias, temperature):
+        logits = F.linear(h, weight, bias).float()
+        return logits.div_(temperature) if temperature != 1.0 else logits
+
+    @staticmethod
+    def chunk_forward(h, y, weight, bias, temperature, keep):
+        """(log-probs, logsumexp, softmax if keep) of a chunk's rows, in place in one (rows, V) buffer."""
+        logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
+        target = logits.gather(-1, y[:, None]).squeeze(-1)
+        top = logits.amax(-1, keepdim=True)
+        total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+        lse = (total.log() + top).squeeze(-1)
+        return target - lse, lse, logits.div_(total) if keep else None
+
+    @staticmethod
+    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs):
+        """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
+        if probs is None:
+            probs = HeadLogps.chunk_logits(h, weight, bias, temperature).sub_(lse[:, None]).exp_()
+        grad_logits = probs.mul(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        if temperature != 1.0:
+            grad_logits.div_(temperature)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.T, h.float())
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        return grad_logits.to(weight.dtype) @ weight
+
+
+def sequence_logps(model, batch, temperature=1.0):
+    """(sum of completion log-probs, number of completion tokens), each of shape (B,)."""
+    return token_logps(model, batch, temperature).sum(-1), (batch["labels"] != -100).sum(-1)
+
+
+def forward_outputs(model, input_ids, attention_mask, position_ids):
+    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position."""
+    from transformers import PreTrainedModel
+
+    cache = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}  # a cache turns packing off
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    return getattr(out, "logits", out)
+
+
+def position_outputs(model, batch):
+    """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
+    if not packs(model):
+        return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    packed = pack(batch)
+    return unpack(forward_outputs(model, packed["input_ids"], None, packed["position_ids"]), packed["index"])
+
+
+def packs(model):
+    """Whether `model`'s forwards use the packed layout: as forced by --(no-)padding_free, else its packing_check."""
+    if common.PADDING_FREE is not None:
+        return common.PADDING_FREE
+    if getattr(model, "padding_free", None) is None:
+        model.padding_free = packing_check(model)
+    return model.padding_free
+
+
+@torch.no_grad()
+def packing_check(model):
+    """Once per model: do a few sequences (lengths 1 to 8) give the same outputs packed as padded? Only if its
+    attention keeps packed sequences apart. If not, or for hub code, a one-line notice and False (padding)."""
+    name = unwrapped_class(model).__name__
+    if any(type(m).__module__.startswith("transformers_modules") for m in model.modules()):
+        reason = "its code comes from the hub (--trust_remote_code)"
+    else:
+        vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        ids = torch.randint(vocab, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+        prompts, completions = [ids[:5], ids[5:6], ids[6:8], ids[8:15]], [ids[15:18], ids[18:19], ids[19:24], []]
+        batch = collate(prompts, completions, 0, next(model.parameters()).device)
+        training = model.training
+        model.eval()  # no dropout: both forwards must be deterministic
+        try:
+            padded = forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            layout = pack(batch)
+            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"]), layout["index"])
+        finally:
+            model.train(training)
+        real = batch["attention_mask"].bool()
+        tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2  # relative to the outputs' scale
+        padded, packed = padded[real].float(), packed[real].float()
+        tolerance *= max(1.0, float(padded.abs().max()))
+        gap = float((packed - padded).abs().max())
+        if gap <= tolerance:
+            return True
+        reason = f"its outputs for packed sequences differ from padded ones by {gap:.2g}"
+    if rank() == 0:
+        print(f"padding-free: {name} pads its batches, as {reason}; --padding_free forces packing", file=sys.stderr)
+    return False
