@@ -226,8 +226,11 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model; DeepSeekMath: 0.04)")
     p.add_argument("--epsilon", type=float, default=0.2, help="eps_low, the clip below 1")
     p.add_argument("--epsilon_high", type=float, default=None, help="eps_high (default: --epsilon; DAPO: 0.28)")
-    p.add_argument("--loss_type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
-    p.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"])
+    p.add_argument("--loss_type", default="dapo", choices=["grpo", "dr_grpo", "dapo"],
+                   help="how token losses add up: grpo: mean per response, then over responses; "
+                        "dr_grpo: sum / (responses * max_new_tokens); dapo: mean over all response tokens")
+    p.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
+                   help="divide advantages by the std of the group, of the batch, or not at all (Dr. GRPO)")
     p.add_argument("--num_iterations", type=int, default=1, help="mu, optimizer steps per rollout")
     p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
     p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
