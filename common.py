@@ -110,7 +110,7 @@ def check_range(args, name, low=None, high=None, above=None):
 def check_args(args):
     """The shared flags' ranges; the default held-out file as --eval_data beside its data; the --output_dir rule."""
     beside = getattr(args, "default_eval_data", None)
-    if args.eval_data is None and beside and os.path.samefile(os.path.dirname(args.data) or ".", os.path.dirname(beside)):
+    if args.eval_data is None and beside and os.path.dirname(os.path.abspath(args.data)) == os.path.dirname(beside):
         args.eval_data = beside
     check_output_dir(args)
     for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lr", "log_every", "save_total_limit"):

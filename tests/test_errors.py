@@ -73,6 +73,8 @@ CASES = {
                        ["data.jsonl: no reward given; pass --reward_fn path/to/file.py:function or --reward_model"]),
     "grpo_reward_fn_absent": ("grpo.py", None, ["--model", TINY_MODEL_DIR, "--reward_fn", "toy/rewards.py:nope"],
                               ["--reward_fn toy/rewards.py:nope: toy/rewards.py has no function 'nope'"]),
+    "data_dir_missing": ("dpo.py", None, ["--model", TINY_MODEL_DIR, "--data", "/nonexistent/pairs.jsonl"],
+                         ["/nonexistent/pairs.jsonl: no such data file"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
     # data shapes (issue 11; the other refusals are in test_data.py): one line naming the file and line
