@@ -85,12 +85,14 @@ def file_names(state, name, n):
     return files
 
 
-def write_weights(module, directory, name, per_rank):
+def write_weights(module, directory, name, per_rank, dtype=None):
     """`module`'s full weights as directory/NAME*.safetensors (every rank must call this): one file per rank
     (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
     writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in memory
-    at a time; the shards are then deleted."""
+    at a time; the shards are then deleted. `dtype`: cast floating-point weights to it."""
     state, shards = weights(module), os.path.join(directory, f"{name}.shards")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     writer = HuggingFaceStorageWriter(shards, save_distributed=True)
     writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt files are fsynced
     dcp.save(state, storage_writer=writer)
@@ -110,32 +112,55 @@ def write_weights(module, directory, name, per_rank):
         shutil.rmtree(shards)
 
 
-def read_weights(module, directory, name):
-    """Load NAME*.safetensors from `directory` into `module` in place: each rank reads just its shard."""
-    reader = HuggingFaceStorageReader(directory)  # safetensors headers and slices: no pickle, no torch.load
+def weights_reader(directory, name):
+    """DCP's reader of NAME*.safetensors in `directory`: safetensors headers and slices, no pickle, no torch.load."""
+    reader = HuggingFaceStorageReader(directory)
     pattern, ls = re.compile(rf"{re.escape(name)}(-\d{{5}}-of-\d{{5}})?\.safetensors"), reader.fs.ls
     reader.fs.ls = lambda path: [p for p in ls(path) if pattern.fullmatch(os.path.basename(p))]  # NAME's files only
-    dcp.load(weights(module), storage_reader=reader)
+    return reader
 
 
-def write_pretrained(model, tokenizer, directory, per_rank, **modules):
+def read_weights(module, directory, name):
+    """Load NAME*.safetensors from `directory` into `module` in place: each rank reads just its shard."""
+    dcp.load(weights(module), storage_reader=weights_reader(directory, name))
+
+
+def read_pretrained(model, directory):
+    """Fill a sharded model from a Hugging Face directory's model*.safetensors, each rank reading only its shards
+    (cast to the parameters' dtype). The files may name tensors as the model does, or with its base model's prefix
+    added or removed (AutoModel from a causal LM's files). False, with nothing read, if they name them otherwise."""
+    reader = weights_reader(directory, "model")
+    try:
+        stored = set(reader.read_metadata().state_dict_metadata)
+    except (FileNotFoundError, ValueError):  # no safetensors: from_pretrained decides (--allow_pickle)
+        return False
+    state, prefix = weights(model), model.base_model_prefix + "."
+    for rename in (lambda k: k, lambda k: prefix + k, lambda k: k.removeprefix(prefix)):
+        if all(rename(k) in stored for k in state):
+            dcp.load({rename(k): v for k, v in state.items()}, storage_reader=reader)
+            return True
+    return False
+
+
+def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, **modules):
     """config, generation config and tokenizer (rank 0), the weights of `model` and of each of `modules`
-    as NAME.safetensors (every rank) into `directory`; see write_weights for `per_rank`."""
+    as NAME.safetensors (every rank) into `directory`, in `dtype` (default: the parameters'); see write_weights
+    for `per_rank`."""
     if rank() == 0:
         os.makedirs(directory, exist_ok=True)
         model.config.architectures = [unwrapped_class(model).__name__]
-        model.config.dtype = str(model.dtype).split(".")[1]  # as save_pretrained does
+        model.config.dtype = str(dtype or model.dtype).split(".")[1]  # as save_pretrained does
         model.config.save_pretrained(directory)
         if model.can_generate():
             model.generation_config.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     for name, module in {"model": model, **modules}.items():
-        write_weights(module, directory, name, per_rank)
+        write_weights(module, directory, name, per_rank, dtype)
 
 
-def save_model(model, tokenizer, out_dir, **modules):
-    """A HF directory (config, weights, tokenizer) that never looks complete half-written (every rank must call
-    this). `modules` are saved beside the model as NAME.safetensors (e.g. rm.py's value head).
+def save_model(model, tokenizer, out_dir, dtype=None, **modules):
+    """A HF directory (config, weights in `dtype`, tokenizer) that never looks complete half-written (every rank
+    must call this). `modules` are saved beside the model as NAME.safetensors (e.g. rm.py's value head).
 
     Files go to `out_dir.tmp`, are fsynced, then moved in weights last, after any old weights are removed:
     a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
@@ -144,7 +169,7 @@ def save_model(model, tokenizer, out_dir, **modules):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    write_pretrained(model, tokenizer, tmp, False, **modules)
+    write_pretrained(model, tokenizer, tmp, False, dtype, **modules)
     if rank() == 0:
         fsync_dir(tmp)
         os.makedirs(out_dir, exist_ok=True)

@@ -6,6 +6,7 @@ padded or packed), logprobs.py (a batch -> per-token log-probs), checkpoint.py (
 """
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -77,7 +78,13 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
                    help="longest prompt + response in tokens; longer examples are cut, the prompt from the left first")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, sampling and initialisation")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+                   help="the compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trained weights, their "
+                        "gradients and optimizer state stay float32, frozen models load in this dtype")
+    p.add_argument("--save_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the final model's weights (auto: the dtype --model is stored in); "
+                        "checkpoint-N always holds the float32 weights")
+    p.add_argument("--dist_timeout", type=float, default=60,
+                   help="minutes a rank waits for the others at a collective (saves, deletes) before giving up")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, about 30%% slower")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -113,7 +120,8 @@ def check_args(args):
     if args.eval_data is None and beside and os.path.dirname(os.path.abspath(args.data)) == os.path.dirname(beside):
         args.eval_data = beside
     check_output_dir(args)
-    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lr", "log_every", "save_total_limit"):
+    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lr", "log_every", "save_total_limit",
+                 "dist_timeout"):
         check_range(args, name, above=0)
     for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
         check_range(args, name, low=0)
@@ -134,16 +142,21 @@ def check_output_dir(args):
 # ---------------------------------------------------------------- distributed
 
 def setup(args):
-    """Init torch.distributed under torchrun (nccl on CUDA, gloo on CPU); return the device."""
+    """Init torch.distributed (nccl on CUDA, gloo on CPU) under torchrun, and as one rank where the compute dtype
+    is not float32: FSDP2's mixed precision then keeps the float32 master weights (load_model). Returns the device."""
     global PADDING_FREE
     PADDING_FREE = getattr(args, "padding_free", None)
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend, timeout = "nccl" if device.type == "cuda" else "gloo", datetime.timedelta(minutes=args.dist_timeout)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        elif resolve_dtype(args.dtype, device) != torch.float32:  # in memory: no port, no launcher
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     return device
@@ -170,26 +183,31 @@ def barrier():
         dist.barrier()
 
 
-def shard_model(model, device):
-    """FSDP2: fully_shard each decoder layer, then the root; bf16 compute with fp32 reductions on CUDA."""
-    if not dist.is_initialized():
-        return model
+def shard_model(model, device, dtype):
+    """FSDP2 over all ranks: each decoder layer not sharded yet, then the root. Forwards compute in `dtype` (float32
+    parameters are cast for each forward: mixed precision), and gradients are reduced in float32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    kwargs = dict(mesh=mesh, **({"mp_policy": mp} if mp else {}))
+    kwargs = dict(mesh=init_device_mesh(device.type, (world(),)),
+                  mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
     layer_classes = tuple(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
-        if type(module).__name__ in layer_classes:
+        if type(module).__name__ in layer_classes:  # a sharded layer's class is FSDP<Name>: not matched again
             fully_shard(module, **kwargs)
     return fully_shard(model, **kwargs)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 # ---------------------------------------------------------------- models
 
 def resolve_dtype(name, device):
+    """The compute dtype --dtype names."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -244,19 +262,36 @@ def load_tokenizer(path, trust_remote_code=False):
     return tokenizer
 
 
-def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None, allow_pickle=False):
-    """from_pretrained, safetensors unless allow_pickle. `auto_class` replaces AutoModelForCausalLM."""
-    check_model_path(path, allow_pickle)
+def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None, allow_pickle=False,
+               trained=False):
+    """A model ready to run, safetensors unless allow_pickle; `auto_class` replaces AutoModelForCausalLM.
+
+    A `trained` model keeps float32 parameters (the master weights the optimizer updates) and computes in the
+    compute dtype `dtype`; a frozen one is held in the compute dtype. Where FSDP2 is needed (under torchrun, or
+    float32 parameters computing in bf16), the model is built without weights, sharded, and each rank then reads
+    only its shards from the files (load_sharded)."""
     from transformers import AutoModelForCausalLM
+
+    check_model_path(path, allow_pickle)
+    auto_class, compute = auto_class or AutoModelForCausalLM, resolve_dtype(dtype, device)
+    params = torch.float32 if trained else compute
+    if world() == 1 and params == compute:
+        model = pretrained(path, auto_class, params, trust_remote_code, allow_pickle).to(device)
+    else:
+        model = load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle)
+    return disable_dropout(model)
+
+
+def pretrained(path, auto_class, dtype, trust_remote_code, allow_pickle):
+    """from_pretrained on the CPU, with one-line errors."""
     from transformers.utils import logging
 
-    auto_class = auto_class or AutoModelForCausalLM
     logging.disable_progress_bar()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its multi-line load report is replaced by the one-line errors below
     try:
         model, info = auto_class.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {path!r} with {auto_class.__name__}: {str(e).splitlines()[0]}") from e
@@ -265,7 +300,88 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     if info["missing_keys"]:  # e.g. a backbone without its LM head: never train from random weights silently
         raise UserError(f"{path}: not loadable as {auto_class.__name__}, the checkpoint lacks "
                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a backbone without its LM head?)")
-    return disable_dropout(model).to(device)
+    return model
+
+
+def load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle):
+    """Parameters on the meta device, fully_shard, then memory for this rank's shards only, which DCP fills
+    straight from the safetensors files (checkpoint.read_pretrained). Files whose names transformers converts
+    on load (fused MoE experts, renamed layers) are loaded by rank 0 with from_pretrained instead and
+    broadcast a tensor at a time: one full copy on one host."""
+    import checkpoint
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {path!r} with {auto_class.__name__}: {str(e).splitlines()[0]}") from e
+    with parameters_on_meta():
+        model = auto_class.from_config(config, dtype=params, trust_remote_code=trust_remote_code)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # real: computed by the modules (rope)
+    shard_model(model, device, compute)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    if not checkpoint.read_pretrained(model, local_snapshot(path)):
+        broadcast_pretrained(model, path, auto_class, params, trust_remote_code, allow_pickle)
+    return model
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter created inside is on the meta device (no memory); buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:  # one already there stays itself: tied weights stay tied
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def local_snapshot(path):
+    """A local directory for `path`: itself, or a hub id's safetensors and configs, downloaded by rank 0."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors"]
+    if rank() == 0:
+        snapshot_download(path, allow_patterns=patterns)
+    barrier()
+    return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+
+
+def broadcast_pretrained(model, path, auto_class, dtype, trust_remote_code, allow_pickle):
+    """Rank 0's from_pretrained, copied into every rank's shards (set_model_state_dict broadcasts it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state, error = {}, [None]
+    if rank() == 0:
+        try:
+            state = pretrained(path, auto_class, dtype, trust_remote_code, allow_pickle).state_dict()
+        except UserError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error)  # every rank stops on rank 0's error, none waits for it
+    if error[0]:
+        raise UserError(error[0])
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def save_dtype(args):
+    """--save_dtype, where auto is the dtype --model's config says its weights are stored in (float32 if unset)."""
+    if args.save_dtype != "auto":
+        return getattr(torch, args.save_dtype)
+    from transformers import AutoConfig
+
+    stored = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).dtype
+    return getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
 
 
 def disable_dropout(model):
@@ -282,7 +398,9 @@ def disable_dropout(model):
 
 
 def load_policy(args, device):
-    model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle)
+    """The tokenizer and the trained model of --model (float32 weights, computing in --dtype)."""
+    model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle,
+                       trained=True)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

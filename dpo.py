@@ -180,7 +180,6 @@ def main(argv=None):
         return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
 
     examples = load(args.data)
-    model, ref_model = common.shard_model(model, device), common.shard_model(ref_model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
@@ -242,7 +241,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

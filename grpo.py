@@ -277,7 +277,6 @@ def main(argv=None):
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
     weights = torch.tensor(args.reward_weights or [1.0] * len(names), device=device)
     generation_config = common.set_sampling(policy, args, tokenizer)
-    policy, ref, reward_model = (m if m is None else common.shard_model(m, device) for m in (policy, ref, reward_model))
     # the schedule runs over every optimizer step: num_iterations per rollout
     schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.num_iterations})
     optimizer, scheduler = common.make_optimizer(policy, schedule)
@@ -338,7 +337,7 @@ def main(argv=None):
         state.end_step(step, loss=loss, grad_norm=grad_norm)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir)
+    checkpoint.save_model(policy, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

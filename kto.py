@@ -170,8 +170,6 @@ def main(argv=None):
     warning = weight_warning(n_desirable, len(examples) - n_desirable, args.desirable_weight, args.undesirable_weight)
     if warning and common.rank() == 0:
         print(f"warning: {warning}", file=sys.stderr)
-    model = common.shard_model(model, device)
-    reference = common.shard_model(reference, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
@@ -233,7 +231,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

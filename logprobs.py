@@ -160,8 +160,11 @@ class HeadLogps(torch.autograd.Function):
         grad_logits = probs.mul(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
         if temperature != 1.0:
             grad_logits.div_(temperature)
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.T, h.float())
+        if grad_weight is not None:  # in the compute dtype (bf16 GEMMs accumulate in float32), summed in float32
+            if h.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            else:
+                grad_weight += grad_logits.to(h.dtype).T @ h
         if grad_bias is not None:
             grad_bias += grad_logits.sum(0)
         return grad_logits.to(weight.dtype) @ weight

@@ -218,7 +218,7 @@ def main(argv=None):
     ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
                                           allow_pickle=args.allow_pickle))
     reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                      args.allow_pickle) for _ in range(2))
+                                                      args.allow_pickle, trained) for trained in (False, True))
     common.frozen(reward_model)
     if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
@@ -226,8 +226,6 @@ def main(argv=None):
     if args.gradient_checkpointing:
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generation_config = common.set_sampling(policy, args, tokenizer)
-    policy, ref, reward_model, value_model = (common.shard_model(m, device)
-                                              for m in (policy, ref, reward_model, value_model))
     # the schedule runs over every optimizer step: ppo_epochs * num_mini_batches per rollout
     n_updates = args.max_steps * args.ppo_epochs * args.num_mini_batches
     schedule = argparse.Namespace(**{**vars(args), "max_steps": n_updates})
@@ -300,9 +298,9 @@ def main(argv=None):
         state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir)
+    checkpoint.save_model(policy, tokenizer, args.output_dir, common.save_dtype(args))
     if args.save_value_model:
-        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"))
+        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"), common.save_dtype(args))
     logger.close()
 
 

@@ -66,22 +66,27 @@ def last_token_rewards(model, batch):
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False):
-    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel."""
+def sharded_like_backbone(model, device, dtype):
+    """A RewardModel around a sharded backbone is sharded too, its head in the backbone's mixed precision."""
+    return common.shard_model(model, device, common.resolve_dtype(dtype, device)) if common.is_sharded(model) else model
+
+
+def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False):
+    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`: see load_model)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     head = os.path.join(path, HEAD_FILE)
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
-    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle))
+    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained))
     model.value_head.load_state_dict(load_file(head, device=str(device)))
-    return model
+    return sharded_like_backbone(model, device, dtype)
 
 
-def save_reward_model(model, tokenizer, out_dir):
-    """The backbone as a HF directory and the head as value_head.safetensors (every rank must call this)."""
-    checkpoint.save_model(model.backbone, tokenizer, out_dir, value_head=model.value_head)
+def save_reward_model(model, tokenizer, out_dir, dtype=None):
+    """The backbone as a HF directory and the head as value_head.safetensors, in `dtype` (every rank must call this)."""
+    checkpoint.save_model(model.backbone, tokenizer, out_dir, dtype, value_head=model.value_head)
 
 
 def parse_args(argv=None):
@@ -126,10 +131,11 @@ def main(argv=None):
 
     examples = load(args.data)
     held_out = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
-    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle)
+    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
+                                 trained=True)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = common.shard_model(RewardModel(backbone), device)
+    model = sharded_like_backbone(RewardModel(backbone), device, args.dtype)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id = tokenizer.pad_token_id
     # checkpoint-N is rm's own format (backbone + value_head.safetensors): load_reward_model loads it
@@ -167,7 +173,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    save_reward_model(model, tokenizer, args.output_dir)
+    save_reward_model(model, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

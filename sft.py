@@ -70,7 +70,6 @@ def main(argv=None):
 
     examples = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
-    model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
@@ -106,7 +105,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=total, grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

@@ -131,7 +131,6 @@ def main(argv=None):
 
     examples = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
-    model = common.shard_model(model, device)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id, toy = tokenizer.pad_token_id, is_toy(args)
 
@@ -178,7 +177,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir)
+    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
     logger.close()
 
 

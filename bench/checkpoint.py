@@ -27,29 +27,10 @@ import sys
 import tempfile
 import time
 
+import workload
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def build(work):
-    """The 97M-parameter model (toy tokenizer) and 64 rows of toy SFT data, in `work`."""
-    sys.path.insert(0, ROOT)
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    import workload
-    from toy.task import DATA_DIR, TINY_MODEL_DIR, build_tiny_model
-
-    if not os.path.exists(TINY_MODEL_DIR):
-        build_tiny_model(TINY_MODEL_DIR)
-    model_dir = os.path.join(work, "model")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(workload.model_config(vocab_size=32000, hidden_size=768, layers=12))
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(model_dir)
-    with open(os.path.join(DATA_DIR, "sft.jsonl")) as f, open(os.path.join(work, "sft.jsonl"), "w") as out:
-        out.writelines(f.readlines()[:64])
-    return model_dir, sum(p.numel() for p in model.parameters())
 
 
 def worker(results, flags):
@@ -127,7 +108,7 @@ def main():
         return worker(args.worker, [a for a in rest if a != "--"])
 
     work = args.work or tempfile.mkdtemp(prefix="bench-checkpoint-")
-    model_dir, n_params = build(work)
+    model_dir, n_params = workload.build_97m(work)
     checkouts = {"before": os.path.abspath(args.before)} if args.before else {}
     checkouts["this"] = ROOT
     print(f"model: {n_params / 1e6:.1f}M parameters; uptime: {subprocess.getoutput('uptime').strip()}")

@@ -105,3 +105,28 @@ def build(out_dir):
         os.makedirs(os.path.join(out_dir, "realistic"), exist_ok=True)
         build_realistic_data(os.path.join(out_dir, "realistic"))
     return model_dir
+
+
+def build_97m(work, dtype="float32"):
+    """A 97M-parameter Llama (model_config with hidden 768, 12 layers; random weights stored in `dtype`, the toy
+    tokenizer) in work/model, and the first 64 rows of the toy SFT and pair data in work/sft.jsonl and work/pairs.jsonl.
+    Returns the model directory and its parameter count."""
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from toy.task import DATA_DIR, TINY_MODEL_DIR, build_tiny_model
+
+    if not os.path.exists(TINY_MODEL_DIR):
+        build_tiny_model(TINY_MODEL_DIR)
+    model_dir = os.path.join(work, "model")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(vocab_size=32000, hidden_size=768, layers=12))
+    model.to(getattr(torch, dtype)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(TINY_MODEL_DIR).save_pretrained(model_dir)
+    for name in ("sft.jsonl", "pairs.jsonl"):
+        with open(os.path.join(DATA_DIR, name)) as f, open(os.path.join(work, name), "w") as out:
+            out.writelines(f.readlines()[:64])
+    return model_dir, sum(p.numel() for p in model.parameters())

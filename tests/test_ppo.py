@@ -166,8 +166,9 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
 
     args = ppo.parse_args(["--model", tiny_model, "--temperature", "0.7", "--max_new_tokens", "12", "--dtype",
                            "bfloat16"])
+    common.setup(args)  # bf16 compute on float32 weights: a one-rank FSDP2
     tokenizer, policy = common.load_policy(args, CPU)
-    assert policy.dtype == torch.bfloat16
+    assert policy.dtype == torch.float32 and common.is_sharded(policy)
     common.set_sampling(policy, args, tokenizer)
     value_model = rm.RewardModel(common.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
