@@ -213,7 +213,7 @@ class TrainState:
                 rng = json.load(f)
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-            if torch.cuda.is_available():
+            if rng["cuda"] is not None and torch.cuda.is_available():  # None: written on CPU; setup seeded CUDA
                 torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
         else:  # no saved stream belongs to this rank: a new one, a function of (seed, step, rank)
             random.seed(f"{args.seed}-{saved['step']}-{rank()}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import common
 import dpo
 import ppo
@@ -123,6 +124,29 @@ def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_pat
     shutil.rmtree(tmp_path / "checkpoint-1" / "optimizer")  # as main's layout had it: optimizer.safetensors
     with pytest.raises(common.UserError, match="checkpoint-1 has no optimizer/ folder of optimizer shards"):
         sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--resume"])
+
+
+def test_resume_on_cuda_of_a_checkpoint_written_on_cpu(data, tmp_path, monkeypatch):
+    """rng-RANK.json holds "cuda": null when written on CPU: resuming where CUDA is available keeps the CUDA
+    stream setup seeded, and restores one that was saved."""
+    flags = FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--max_steps", "2", "--save_every", "2"]
+    sft.main(flags)
+    restored, resume = [], checkpoint.TrainState.resume
+
+    def resume_on_cuda(self):  # only resume sees CUDA: setup and the model stay on the CPU
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            m.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state.tolist()))
+            return resume(self)
+
+    monkeypatch.setattr(checkpoint.TrainState, "resume", resume_on_cuda)
+    sft.main(flags + ["--resume"])
+    assert restored == []
+    rng_file = tmp_path / "checkpoint-2" / "rng-0.json"
+    rng = json.loads(rng_file.read_text())
+    rng_file.write_text(json.dumps({**rng, "cuda": [1, 2, 3]}))  # as written on CUDA
+    sft.main(flags + ["--resume"])
+    assert restored == [[1, 2, 3]]
 
 
 KILLED_WHILE_SAVING = """
