@@ -32,6 +32,7 @@ import sys
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint._consolidate_hf_safetensors import _consolidate_safetensors_files
@@ -85,6 +86,21 @@ def file_names(state, name, n):
     return files
 
 
+def check_shared(shards):
+    """UserError on every rank at once unless each rank sees every shard file the ranks wrote in `shards`: a
+    file rebuilt from shards a rank cannot see (an --output_dir on a node's own disk) holds zeros, silently."""
+    if world() == 1:
+        return
+    seen = [None] * world()
+    dist.all_gather_object(seen, {n for n in os.listdir(shards) if n.endswith(".safetensors")})
+    written = set().union(*seen)  # every rank sees its own files; all ranks hold the same lists, so all agree
+    for r, files in enumerate(seen):
+        if files != written:
+            raise UserError(f"rank {r} cannot see {min(written - files)} ({len(written) - len(files)} of the "
+                            f"{len(written)} shard files the ranks wrote to {shards}): --output_dir must be on a "
+                            "filesystem that every node shares, not a node-local disk")
+
+
 def write_weights(module, directory, name, per_rank, dtype=None):
     """`module`'s full weights as directory/NAME*.safetensors (every rank must call this): one file per rank
     (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
@@ -96,6 +112,7 @@ def write_weights(module, directory, name, per_rank, dtype=None):
     writer = HuggingFaceStorageWriter(shards, save_distributed=True)
     writer.sync_files = False  # deleted once rebuilt, likely before they reach the disk: the rebuilt files are fsynced
     dcp.save(state, storage_writer=writer)
+    check_shared(shards)
     total = sum(t.numel() * t.element_size() for t in state.values())
     files = file_names(state, name, world() if per_rank else math.ceil(total / 50e9))
     names = sorted(set(files.values()))
@@ -238,7 +255,7 @@ class TrainState:
                 rng = json.load(f)
             random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-            if torch.cuda.is_available():
+            if rng["cuda"] is not None and torch.cuda.is_available():  # None: written on CPU; setup seeded CUDA
                 torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
         else:  # no saved stream belongs to this rank: a new one, a function of (seed, step, rank)
             random.seed(f"{args.seed}-{saved['step']}-{rank()}")

@@ -72,7 +72,7 @@ def test_rdpo_in_the_script_discounts_the_longer_chosen_response(tiny_model, tmp
     # |y| counting the response's words plus its EOS. alpha = 0.5:
     #   pair 1: chosen "cat dog horse" (3 + 1), rejected "red" (1 + 1):              z = 0.5 * 2 = 1
     #   pair 2: chosen "apple" (1 + 1), rejected "rain snow wind fog" (4 + 1):       z = 0.5 * -3 = -1.5
-    #   L = (log(1 + e^-1) + log(1 + e^1.5)) / 2 = (0.313262 + 1.701413) / 2 = 1.007337
+    #   L = (log(1 + e^-1) + log(1 + e^1.5)) / 2 = (0.313262 + 1.701413) / 2 = 1.0073375
     # (the reversed sign gives (1.313262 + 0.201413) / 2 = 0.757337)
     rows = [{"prompt": "tell me about animals :", "chosen": "cat dog horse", "rejected": "red"},
             {"prompt": "tell me about fruits :", "chosen": "apple", "rejected": "rain snow wind fog"}]
@@ -80,7 +80,7 @@ def test_rdpo_in_the_script_discounts_the_longer_chosen_response(tiny_model, tmp
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
               "--batch_size", "2", "--log_every", "1", "--rdpo_alpha", "0.5"])
-    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(1.007337, abs=1e-6)
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(1.0073375, abs=1e-6)
 
 
 def test_identical_chosen_and_rejected_give_a_finite_loss():

@@ -87,7 +87,7 @@ def values_and_grads(model, fn):
 
 def assert_same(padded, packed):
     (a, a_grads), (b, b_grads) = padded, packed
-    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-5)  # sequence sums reach ~100: float32 spacing ~8e-6
     assert a_grads.keys() == b_grads.keys()
     for name in a_grads:
         assert (b_grads[name] - a_grads[name]).abs().max() <= 1e-5 * max(1.0, a_grads[name].abs().max()), name
@@ -113,7 +113,7 @@ def test_reference_forwards_packed_equal_padded(layout):
         batch = kto.collate_with_mismatched(SINGLE, 0, CPU)
         for rows in (batch, kto.rows_slice(batch, len(SINGLE), None)):
             padded, packed = layout(lambda b: logprobs.sequence_logps(reference, b)[0], rows)
-            torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+            torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)  # sequence sums, as in assert_same
     model = tiny_llama()  # and kto's trained forward, on the matched half
     padded, packed = layout(values_and_grads, model, lambda: logprobs.sequence_logps(
         model, kto.rows_slice(batch, 0, len(SINGLE)))[0])

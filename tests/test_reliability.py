@@ -4,6 +4,7 @@ exact resume also for dpo.py, rm.py and ppo.py.
 metrics.jsonl rows are compared on every field except `tokens/s*`, the only ones that depend on time.
 The data is a 64-row copy of the toy SFT data outside toy/data, so no run spends time on the toy eval.
 """
+import glob
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import common
 import dpo
 import ppo
@@ -123,6 +125,29 @@ def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_pat
     shutil.rmtree(tmp_path / "checkpoint-1" / "optimizer")  # as main's layout had it: optimizer.safetensors
     with pytest.raises(common.UserError, match="checkpoint-1 has no optimizer/ folder of optimizer shards"):
         sft.main(FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--resume"])
+
+
+def test_resume_on_cuda_of_a_checkpoint_written_on_cpu(data, tmp_path, monkeypatch):
+    """rng-RANK.json holds "cuda": null when written on CPU: resuming where CUDA is available keeps the CUDA
+    stream setup seeded, and restores one that was saved."""
+    flags = FLAGS + ["--data", data, "--output_dir", str(tmp_path), "--max_steps", "2", "--save_every", "2"]
+    sft.main(flags)
+    restored, resume = [], checkpoint.TrainState.resume
+
+    def resume_on_cuda(self):  # only resume sees CUDA: setup and the model stay on the CPU
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            m.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state.tolist()))
+            return resume(self)
+
+    monkeypatch.setattr(checkpoint.TrainState, "resume", resume_on_cuda)
+    sft.main(flags + ["--resume"])
+    assert restored == []
+    rng_file = tmp_path / "checkpoint-2" / "rng-0.json"
+    rng = json.loads(rng_file.read_text())
+    rng_file.write_text(json.dumps({**rng, "cuda": [1, 2, 3]}))  # as written on CUDA
+    sft.main(flags + ["--resume"])
+    assert restored == [[1, 2, 3]]
 
 
 KILLED_WHILE_SAVING = """
@@ -240,6 +265,44 @@ def test_distributed_resume(data, tmp_path):
     with pytest.raises(common.UserError, match=r"written with a global batch of 4 \(batch_size x grad_accum x ranks "
                                                r"= 2 x 1 x 2\), this run has 2 x 1 x 1 = 2; resume with the same"):
         sft.main(flags + ["--resume"])
+
+
+NODE_LOCAL_DISK = """
+import glob, os, sys
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "1":  # rank 1 on another node: rank 0's shard files are on rank 0's disk only
+    listdir, real_glob = os.listdir, glob.glob
+    os.listdir = lambda path=".": [n for n in listdir(path) if not n.startswith("shard-00001-")]
+    glob.glob = lambda *a, **k: [p for p in real_glob(*a, **k) if not os.path.basename(p).startswith("shard-00001-")]
+sys.argv[0] = "sft.py"
+import common, sft
+common.run(sft.main)
+"""
+
+
+def test_output_dir_on_a_node_local_disk_is_refused(data, tmp_path):
+    """Every rank rebuilds files from everybody's shards: a rank that cannot see some stops the save on all ranks
+    with one line, instead of a checkpoint with zeros in it (or a hang)."""
+    out, worker = tmp_path / "out", tmp_path / "worker.py"
+    worker.write_text(NODE_LOCAL_DISK.format(root=ROOT))
+    flags = ["--data", data, "--output_dir", str(out), "--max_steps", "1", "--save_every", "1", "--batch_size", "2",
+             "--max_length", "64"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(tmp_path / "logs"), "--redirects", "2", str(worker), *flags]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # the first rank out exits 2 (torchrun then stops the other, which may already be exiting: its code varies)
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr
+    logs = glob.glob(str(tmp_path / "logs" / "*" / "attempt_0" / "*" / "stderr.log"))  # each rank's stderr
+    assert len(logs) == 2
+    for log in logs:  # both ranks raised the error: neither went on to a collective the other never joins
+        with open(log) as f:
+            text = f.read()
+        assert "Traceback" not in text and text.splitlines()[-1] == (
+            f"error: rank 1 cannot see shard-00001-model-00001-of-00001.safetensors (1 of the 2 shard files the "
+            f"ranks wrote to {out}/checkpoint-1.tmp/model.shards): --output_dir must be on a filesystem that every "
+            "node shares, not a node-local disk"), text
+    assert sorted(os.listdir(out)) == ["checkpoint-1.tmp", "metrics.jsonl"]  # no checkpoint-1
 
 
 @pytest.fixture(scope="module")
