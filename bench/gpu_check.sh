@@ -6,7 +6,7 @@
 #
 # Stages, in order, each under `timeout` and all within one deadline (GPU_CHECK_BUDGET seconds, 465 by
 # default), each logged to DIR/logs/STAGE.log. A failed stage does not stop the next; the exit status is 1
-# if any failed.
+# if any failed, timed out or found no time left.
 #   env        torch, transformers and the device (no CUDA device, no GPU check: it stops here)
 #   tests      the device-aware tests, tests/test_logps.py and tests/test_packing.py, with TEST_DEVICE=cuda
 #   build      DIR/model (float32), DIR/rm (its reward model) and DIR/data, once: bench/gpu_check.py build
@@ -43,7 +43,7 @@ stage() {  # stage NAME CAP COMMAND...: run under timeout (CAP, or what is left 
   shift 2
   local limit=$((DEADLINE - SECONDS < cap ? DEADLINE - SECONDS : cap))
   if ((limit < 5)); then
-    status=SKIP
+    status=SKIP FAILED=1  # an incomplete check does not pass
     echo "no time left in the budget" >"$DIR/logs/$name.log"
   else
     echo "== $name (at most ${limit} s): ${*//$'\n'/ }"
