@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny model (also with a tokenizer that adds no BOS) and one toy SFT checkpoint,
-built once per test session."""
+built once per test session; `device`, where the device-aware tests run: TEST_DEVICE (default cpu), e.g.
+TEST_DEVICE=cuda python -m pytest -q tests/test_logps.py tests/test_packing.py (as bench/gpu_check.sh does)."""
 import os
 import shutil
 import sys
@@ -12,6 +13,19 @@ sys.path.insert(0, ROOT)
 
 import sft  # noqa: E402
 from toy.task import TINY_MODEL_DIR, build_tiny_model  # noqa: E402
+
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+
+
+def pytest_configure(config):
+    # a run meant for a GPU must not pass on CPU by accident
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"TEST_DEVICE={DEVICE} but torch {torch.__version__} sees no CUDA device")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
 
 
 @pytest.fixture(scope="session")

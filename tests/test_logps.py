@@ -1,5 +1,6 @@
 """logprobs.token_logps (the chunked LM-head path, HeadLogps) against the naive form:
-full (B, T, V) logits, log_softmax, gather. Values and gradients, left and right padding, 32k+ vocab."""
+full (B, T, V) logits, log_softmax, gather. Values and gradients, left and right padding, 32k+ vocab.
+On the `device` fixture (TEST_DEVICE, default cpu); weights and inputs are drawn on CPU, then moved."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +12,11 @@ import logprobs
 VOCAB = 33000  # above 32k, and not a multiple of any chunk size used below
 
 
-def tiny_llama(seed=0, vocab=VOCAB):
+def tiny_llama(device, seed=0, vocab=VOCAB, model_class=LlamaForCausalLM):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+    return model_class(config).to(device)
 
 
 def naive_token_logps(model, batch, temperature=1.0):
@@ -27,12 +28,12 @@ def naive_token_logps(model, batch, temperature=1.0):
     return logps.masked_fill(labels == -100, 0.0)
 
 
-def padded_batch():
+def padded_batch(device):
     # prompts of 3, 1 and 2 tokens (left padding), completions of 2, 4 and 1 tokens (right padding);
     # the last token id is the vocabulary's last
     prompts = [[5, 6, 7], [8], [9, 10]]
     completions = [[11, 12], [13, 14, 15, 16], [VOCAB - 1]]
-    return batching.collate(prompts, completions, 0, torch.device("cpu"))
+    return batching.collate(prompts, completions, 0, device)
 
 
 def values_and_grads(fn, model, batch, temperature):
@@ -50,10 +51,10 @@ LAYOUTS = {"kept": dict(CHUNK_ELEMENTS=2**24, KEEP_ELEMENTS=2**25), "recomputed"
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, temperature):
+def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, temperature, device):
     for name, value in LAYOUTS[layout].items():
         monkeypatch.setattr(logprobs.HeadLogps, name, value)
-    model, batch = tiny_llama(), padded_batch()
+    model, batch = tiny_llama(device), padded_batch(device)
     fast, fast_grads = values_and_grads(logprobs.token_logps, model, batch, temperature)
     naive, naive_grads = values_and_grads(naive_token_logps, model, batch, temperature)
     assert (fast[batch["labels"] == -100] == 0).all()
@@ -64,23 +65,21 @@ def test_token_logps_matches_naive_values_and_gradients(monkeypatch, layout, tem
     assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
 
 
-def test_token_logps_without_grad_matches_naive():
-    model, batch = tiny_llama(), padded_batch()
+def test_token_logps_without_grad_matches_naive(device):
+    model, batch = tiny_llama(device), padded_batch(device)
     with torch.no_grad():
         torch.testing.assert_close(logprobs.token_logps(model, batch), naive_token_logps(model, batch),
                                    rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_head_logps_with_bias_matches_naive(monkeypatch, layout):
+def test_head_logps_with_bias_matches_naive(monkeypatch, layout, device):
     for name, value in LAYOUTS[layout].items():
         monkeypatch.setattr(logprobs.HeadLogps, name, value)
     torch.manual_seed(0)
-    hidden = torch.randn(5, 8, requires_grad=True)
-    weight = torch.randn(VOCAB, 8, requires_grad=True)
-    bias = torch.randn(VOCAB, requires_grad=True)
-    labels = torch.tensor([0, 7, VOCAB - 1, 123, 7])
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0])
+    hidden, weight, bias = (torch.randn(*shape).to(device).requires_grad_() for shape in ((5, 8), (VOCAB, 8), (VOCAB,)))
+    labels = torch.tensor([0, 7, VOCAB - 1, 123, 7], device=device)
+    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], device=device)
     fast = logprobs.HeadLogps.apply(hidden, weight, bias, labels, 2.0)
     fast_grads = torch.autograd.grad((fast * upstream).sum(), (hidden, weight, bias))
     naive = (F.linear(hidden, weight, bias) / 2.0).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
@@ -99,12 +98,9 @@ class ScaledLlama(LlamaForCausalLM):
         return out
 
 
-def test_model_that_transforms_its_logits_is_scored_plainly():
-    torch.manual_seed(0)
-    plain = tiny_llama()
-    model = ScaledLlama(plain.config)
-    model.load_state_dict(plain.state_dict())
-    batch = padded_batch()
+def test_model_that_transforms_its_logits_is_scored_plainly(device):
+    plain, model = tiny_llama(device), tiny_llama(device, model_class=ScaledLlama)  # the same weights
+    batch = padded_batch(device)
     with torch.no_grad():
         torch.testing.assert_close(logprobs.token_logps(model, batch), naive_token_logps(model, batch),
                                    rtol=1e-6, atol=1e-6)
@@ -112,16 +108,12 @@ def test_model_that_transforms_its_logits_is_scored_plainly():
         assert not torch.allclose(logprobs.token_logps(model, batch), logprobs.token_logps(plain, batch))
 
 
-def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32():
+def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32(device):
     # the plain path (a model that changes its head's output) at T = 0.7 in bf16 must score as the head path
     # does: bf16 logits, upcast, then / T. Dividing in bf16 first rounds the scaled logits (errors ~1e-3;
     # the tolerance, ~1e-5 on log-probs ~10, is about 10 float32 spacings)
-    torch.manual_seed(0)
-    plain = tiny_llama()
-    model = ScaledLlama(plain.config)
-    model.load_state_dict(plain.state_dict())
-    model.to(torch.bfloat16)
-    batch = padded_batch()
+    model = tiny_llama(device, model_class=ScaledLlama).to(torch.bfloat16)
+    batch = padded_batch(device)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits[:, -batch["labels"].shape[1] - 1:-1]

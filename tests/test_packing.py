@@ -1,5 +1,6 @@
 """Padding-free batches: batching.pack's layout by hand, packed == padded for every script's forwards
-(lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout."""
+(lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout.
+On the `device` fixture (TEST_DEVICE, default cpu); the runs go where the scripts put them (CUDA if any), in float32."""
 import json
 import os
 
@@ -16,7 +17,6 @@ import ppo
 import rm
 
 VOCAB = 300
-CPU = torch.device("cpu")
 
 
 def tiny_config():
@@ -24,9 +24,9 @@ def tiny_config():
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
-def tiny_llama(seed=0):
+def tiny_llama(device, seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config())
+    return LlamaForCausalLM(tiny_config()).to(device)
 
 
 def tokens(n, offset):
@@ -51,9 +51,9 @@ def layout(monkeypatch):
     return run
 
 
-def test_pack_layout_by_hand():
+def test_pack_layout_by_hand(device):
     # lengths (prompt + completion): 3 + 2 = 5, 1 + 1 = 2, 2 + 4 = 6; the padded width W = 3 + 4 = 7
-    batch = batching.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, CPU)
+    batch = batching.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, device)
     packed = batching.pack(batch)
     # first fit by decreasing length into rows of at most 7: row 0 = seq 2 (6), row 1 = seq 0 (5) + seq 1 (2)
     assert packed["input_ids"].tolist() == [[9, 10, 14, 15, 16, 17, 0], [5, 6, 7, 11, 12, 8, 13]]
@@ -67,12 +67,12 @@ def test_pack_layout_by_hand():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_packed_rows_never_exceed_the_padded_batch(seed):
+def test_packed_rows_never_exceed_the_padded_batch(seed, device):
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(1, 12, (1,), generator=g))
     prompts = [[3] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
     completions = [[4] * int(k) for k in torch.randint(1, 300, (n,), generator=g)]
-    batch = batching.collate(prompts, completions, 0, CPU)
+    batch = batching.collate(prompts, completions, 0, device)
     (B, W), (R, T) = batch["input_ids"].shape, batching.pack(batch)["input_ids"].shape
     assert R <= B and T <= W and R * T * T <= B * W * W  # activations and the (T x T) mask
     assert (batching.pack(batch)["index"] >= 0).sum() == batch["attention_mask"].sum()  # every token once
@@ -94,50 +94,50 @@ def assert_same(padded, packed):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature):
+def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature, device):
     """sft (collate_single), dpo, ld_dpo, simpo, orpo (collate_pairs): training forwards with gradients."""
-    model = tiny_llama()
-    for batch in (batching.collate_single(SINGLE, 0, CPU), batching.collate_pairs(PAIRS, 0, CPU)):
+    model = tiny_llama(device)
+    for batch in (batching.collate_single(SINGLE, 0, device), batching.collate_pairs(PAIRS, 0, device)):
         padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch, temperature))
         assert (padded[0][batch["labels"] != -100] < 0).all()
         assert_same(padded, packed)
 
 
-def test_reference_forwards_packed_equal_padded(layout):
+def test_reference_forwards_packed_equal_padded(layout, device):
     """dpo/ld_dpo's reference and precompute_ref (no grad), kto's matched and mismatched halves."""
-    reference = common.frozen(tiny_llama(1))
-    pairs = batching.collate_pairs(PAIRS, 0, CPU)
+    reference = common.frozen(tiny_llama(device, 1))
+    pairs = batching.collate_pairs(PAIRS, 0, device)
     with torch.no_grad():
         padded, packed = layout(logprobs.token_logps, reference, pairs)
         torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
-        batch = kto.collate_with_mismatched(SINGLE, 0, CPU)
+        batch = kto.collate_with_mismatched(SINGLE, 0, device)
         for rows in (batch, kto.rows_slice(batch, len(SINGLE), None)):
             padded, packed = layout(lambda b: logprobs.sequence_logps(reference, b)[0], rows)
             torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)  # sequence sums, as in assert_same
-    model = tiny_llama()  # and kto's trained forward, on the matched half
+    model = tiny_llama(device)  # and kto's trained forward, on the matched half
     padded, packed = layout(values_and_grads, model, lambda: logprobs.sequence_logps(
         model, kto.rows_slice(batch, 0, len(SINGLE)))[0])
     assert_same(padded, packed)
 
 
-def reward_model(seed=2):
+def reward_model(device, seed=2):
     torch.manual_seed(seed)
     model = rm.RewardModel(LlamaModel(tiny_config()))
     torch.nn.init.normal_(model.value_head.weight)
-    return model
+    return model.to(device)
 
 
-def test_reward_and_value_forwards_packed_equal_padded(layout):
+def test_reward_and_value_forwards_packed_equal_padded(layout, device):
     """rm.py's last-token rewards (trained) and ppo's per-token values (trained) and scores."""
-    model, batch = reward_model(), batching.collate_pairs(PAIRS, 0, CPU)
+    model, batch = reward_model(device), batching.collate_pairs(PAIRS, 0, device)
     assert_same(*layout(values_and_grads, model, lambda: rm.last_token_rewards(model, batch)))
     mask = batch["labels"] != -100  # values on padding are never read (ppo masks them)
     assert_same(*layout(values_and_grads, model, lambda: ppo.token_values(model, batch) * mask))
 
 
-def test_ppo_policy_forwards_packed_equal_padded(layout):
+def test_ppo_policy_forwards_packed_equal_padded(layout, device):
     """ppo.py: the trained policy's log-probs and entropies, the rollout's old and reference log-probs."""
-    policy, batch = tiny_llama(), batching.collate_single(SINGLE, 0, CPU)
+    policy, batch = tiny_llama(device), batching.collate_single(SINGLE, 0, device)
     padded, packed = layout(values_and_grads, policy, lambda: logprobs.logps_and_entropy(policy, batch, 0.7)[0])
     assert_same(padded, packed)
     with torch.no_grad():
@@ -153,16 +153,16 @@ class IgnoresPositions(LlamaForCausalLM):
         return super().forward(*args, **kwargs)
 
 
-def test_start_up_check_packs_a_good_model_and_falls_back_for_one_that_ignores_positions(capsys):
-    good = tiny_llama()
-    bad = IgnoresPositions(good.config)
+def test_start_up_check_packs_a_good_model_and_falls_back_for_one_that_ignores_positions(capsys, device):
+    good = tiny_llama(device)
+    bad = IgnoresPositions(good.config).to(device)
     bad.load_state_dict(good.state_dict())
     assert logprobs.packs(good) and capsys.readouterr().err == ""
     assert not logprobs.packs(bad)
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1 and "IgnoresPositions pads its batches" in notice
     assert not logprobs.packs(bad) and capsys.readouterr().err == ""  # checked once
-    batch = batching.collate_pairs(PAIRS, 0, CPU)
+    batch = batching.collate_pairs(PAIRS, 0, device)
     with torch.no_grad():  # padded (fallback) scores equal the model scored padded; forced packing would not
         fallback = logprobs.token_logps(bad, batch)
         torch.testing.assert_close(fallback, logprobs.token_logps(good, batch), rtol=0, atol=1e-5)
@@ -199,7 +199,7 @@ def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, mo
     for flag in ("--padding_free", "--no-padding_free"):
         out = str(tmp_path / flag)
         script.main(["--model", tiny_model, "--data", str(data), "--batch_size", "4", "--max_steps", "3",
-                     "--log_every", "1", "--output_dir", out, flag])
+                     "--log_every", "1", "--output_dir", out, "--dtype", "float32", flag])
         runs.append(metrics(out))
         packed_batches.append(flag)
     assert packed_batches.index("--padding_free") >= 6 and packed_batches[-2] == "--padding_free"  # only it packs
