@@ -148,12 +148,16 @@ def read_pretrained(model, directory):
     added or removed (AutoModel from a causal LM's files). False, with nothing read, if they name them otherwise."""
     reader = weights_reader(directory, "model")
     try:
-        stored = set(reader.read_metadata().state_dict_metadata)
+        stored = reader.read_metadata().state_dict_metadata
     except (FileNotFoundError, ValueError):  # no safetensors: from_pretrained decides (--allow_pickle)
         return False
     state, prefix = weights(model), model.base_model_prefix + "."
     for rename in (lambda k: k, lambda k: prefix + k, lambda k: k.removeprefix(prefix)):
         if all(rename(k) in stored for k in state):
+            for key, tensor in state.items():  # every rank sees the same shapes: all stop, or none
+                if list(stored[rename(key)].size) != list(tensor.shape):
+                    raise UserError(f"{directory}: {rename(key)} is stored as {list(stored[rename(key)].size)}, "
+                                    f"but its config.json makes it {list(tensor.shape)}; the files do not match it")
             dcp.load({rename(k): v for k, v in state.items()}, storage_reader=reader)
             return True
     return False

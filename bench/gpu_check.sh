@@ -85,12 +85,7 @@ run dpo 60 --data "$DIR/data/pairs.jsonl" --batch_size $DPO_BS --max_steps $STEP
 run grpo 75 "${rl[@]}" --batch_size $GRPO_BS --num_generations $G --beta 0.04
 run ppo 90 "${rl[@]}" --batch_size $PPO_BS --num_mini_batches $MINI --ppo_epochs $EPOCHS
 
-if ((DRY)) && [[ ! -f bench/precision.py ]]; then
-  echo "== precision: bench/precision.py is not in this tree: skipped"
-  printf 'precision\tSKIP\t0\tbench/precision.py is not in this tree\n' >>"$DIR/stages.tsv"
-else
-  stage precision 75 python bench/precision.py --model "$DIR/model" --device $DEVICE --lr 5e-7
-fi
+stage precision 120 python bench/precision.py --model "$DIR/model" --data "$DIR/data/pairs.jsonl" --lr 5e-7
 stage logps 60 python bench/gpu_check.py logps "$DIR" $TINY
 
 echo

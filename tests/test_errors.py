@@ -55,6 +55,11 @@ CASES = {
                             ["backbone: not loadable as AutoModelForCausalLM", "lacks lm_head.weight"]),
     "model_pickle_only": ("sft.py", None, ["--model", "PICKLED"],
                           ["pickled has only pickle weights (.bin)", "--allow_pickle"]),
+    "model_not_causal_lm_bf16": ("sft.py", None, ["--model", "BACKBONE", "--dtype", "bfloat16"],  # sharded loading
+                                 ["backbone: not loadable as AutoModelForCausalLM", "lacks lm_head.weight"]),
+    "model_config_not_its_weights_bf16": ("sft.py", None, ["--model", "RESHAPED", "--dtype", "bfloat16"],
+                                          ["reshaped: model.layers.0.mlp.gate_proj.weight is stored as [384, 128], "
+                                           "but its config.json makes it [100, 128]"]),
     "batch_size_zero": ("sft.py", None, ["--batch_size", "0"], ["--batch_size must be > 0, got 0"]),
     "warmup_ratio_above_one": ("sft.py", None, ["--warmup_ratio", "1.5"],
                                ["--warmup_ratio must be >= 0 and <= 1, got 1.5"]),
@@ -97,7 +102,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     """A backbone without its LM head (not a causal LM), a copy of the tiny model with pickle weights only,
-    one whose chat template rewrites earlier turns, and the tiny model with a tokenizer that adds no BOS."""
+    one whose chat template rewrites earlier turns, the tiny model with a tokenizer that adds no BOS, and
+    one whose config.json does not match its weights."""
     from test_data import REWRITING
     from transformers import AutoModel, AutoTokenizer
 
@@ -111,7 +117,14 @@ def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     shutil.copytree(tiny_model, pickled)
     torch.save(load_file(os.path.join(pickled, "model.safetensors")), os.path.join(pickled, "pytorch_model.bin"))
     os.remove(os.path.join(pickled, "model.safetensors"))
-    return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting, "NOBOS": no_bos_model}
+    reshaped = str(root / "reshaped")
+    shutil.copytree(tiny_model, reshaped)
+    with open(os.path.join(reshaped, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(reshaped, "config.json"), "w") as f:
+        json.dump({**config, "intermediate_size": 100}, f)
+    return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting, "NOBOS": no_bos_model,
+            "RESHAPED": reshaped}
 
 
 SUBPROCESS_CASES = ("not_json", "model_path_missing", "model_pickle_only", "dpo_beta_zero")  # the real command line, end to end
@@ -215,7 +228,11 @@ def test_check_range_accepts(flag, value, bounds):
     common.check_range(argparse.Namespace(**{flag: value}), flag, **bounds)
 
 
-def test_allow_pickle_loads_the_same_weights(model_dirs):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: float32 masters, loaded sharded
+def test_allow_pickle_loads_the_same_weights(model_dirs, dtype):
     reference = load_file(os.path.join(TINY_MODEL_DIR, "model.safetensors"))
-    model = common.load_model(model_dirs["PICKLED"], torch.device("cpu"), allow_pickle=True)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    common.setup(argparse.Namespace(dtype=dtype, seed=0, dist_timeout=5, padding_free=None))
+    model = common.load_model(model_dirs["PICKLED"], torch.device("cpu"), dtype, allow_pickle=True, trained=True)
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    assert common.is_sharded(model) == (dtype == "bfloat16")
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
