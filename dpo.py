@@ -32,6 +32,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
@@ -168,9 +169,9 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    tokenizer, model = common.load_policy(args, device)
+    tokenizer, model = models.load_policy(args, device)
     ref_path = args.ref_model or args.model
-    ref_model = common.frozen(common.load_model(ref_path, device, args.dtype, args.trust_remote_code,
+    ref_model = models.frozen(models.load_model(ref_path, device, args.dtype, args.trust_remote_code,
                                                    allow_pickle=args.allow_pickle))
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
@@ -241,7 +242,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

@@ -43,6 +43,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 import rm
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
@@ -263,15 +264,15 @@ def main(argv=None):
     device = common.setup(args)
 
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
-    tokenizer, policy = common.load_policy(args, device)
+    tokenizer, policy = models.load_policy(args, device)
     ref = reward_model = None
     if args.beta > 0:
-        ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+        ref = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
                                               allow_pickle=args.allow_pickle))
     if args.reward_model is not None:
-        reward_model = common.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
+        reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                           args.allow_pickle))
-        if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model "
                                    f"{args.model}; train the reward model from the same base")
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
@@ -337,7 +338,7 @@ def main(argv=None):
         state.end_step(step, loss=loss, grad_norm=grad_norm)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

@@ -35,6 +35,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
@@ -158,8 +159,8 @@ def main(argv=None):
         common.check_range(args, name, above=0)
     device = common.setup(args)
 
-    tokenizer, model = common.load_policy(args, device)
-    reference = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+    tokenizer, model = models.load_policy(args, device)
+    reference = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
                                                 allow_pickle=args.allow_pickle))
 
     def load(path):
@@ -231,7 +232,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

@@ -30,6 +30,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
@@ -89,7 +90,7 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    tokenizer, model = common.load_policy(args, device)
+    tokenizer, model = models.load_policy(args, device)
     fields = ("chosen", "rejected")
 
     def load(path):
@@ -144,7 +145,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=stats[0], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

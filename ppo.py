@@ -33,6 +33,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 import rm
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
@@ -214,13 +215,13 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    tokenizer, policy = common.load_policy(args, device)
-    ref = common.frozen(common.load_model(args.model, device, args.dtype, args.trust_remote_code,
+    tokenizer, policy = models.load_policy(args, device)
+    ref = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
                                           allow_pickle=args.allow_pickle))
     reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                       args.allow_pickle, trained) for trained in (False, True))
-    common.frozen(reward_model)
-    if common.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+    models.frozen(reward_model)
+    if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
                                "train the reward model from the same base")
     if args.gradient_checkpointing:
@@ -298,9 +299,9 @@ def main(argv=None):
         state.end_step(step, loss_policy=pg, loss_value=vf)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))
     if args.save_value_model:
-        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"), common.save_dtype(args))
+        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"), models.save_dtype(args))
     logger.close()
 
 

@@ -29,6 +29,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
 HEAD_FILE = "value_head.safetensors"
@@ -49,7 +50,7 @@ class RewardModel(torch.nn.Module):
         self.backbone = backbone
         self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1, bias=False,
                                           device=backbone.device, dtype=backbone.dtype)
-        self._no_split_modules = backbone._no_split_modules  # common.shard_model shards these layers
+        self._no_split_modules = backbone._no_split_modules  # models.shard_model shards these layers
 
     def forward(self, input_ids, attention_mask, position_ids):
         """(B, T) float32 values: the head applied to the hidden state at every position."""
@@ -68,7 +69,7 @@ def last_token_rewards(model, batch):
 
 def sharded_like_backbone(model, device, dtype):
     """A RewardModel around a sharded backbone is sharded too, its head in the backbone's mixed precision."""
-    return common.shard_model(model, device, common.resolve_dtype(dtype, device)) if common.is_sharded(model) else model
+    return models.shard_model(model, device, common.resolve_dtype(dtype, device)) if models.is_sharded(model) else model
 
 
 def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False):
@@ -79,7 +80,7 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
     head = os.path.join(path, HEAD_FILE)
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
-    model = RewardModel(common.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained))
+    model = RewardModel(models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained))
     model.value_head.load_state_dict(load_file(head, device=str(device)))
     return sharded_like_backbone(model, device, dtype)
 
@@ -123,7 +124,7 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    tokenizer = common.load_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
     fields = ("chosen", "rejected")
 
     def load(path):
@@ -131,7 +132,7 @@ def main(argv=None):
 
     examples = load(args.data)
     held_out = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
-    backbone = common.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
+    backbone = models.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
                                  trained=True)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,7 +174,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums[0], grad_norm=grad_norm)
 
-    save_reward_model(model, tokenizer, args.output_dir, common.save_dtype(args))
+    save_reward_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

@@ -24,6 +24,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import models
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, TINY_MODEL_DIR, ensure_model
 
@@ -63,7 +64,7 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    tokenizer, model = common.load_policy(args, device)
+    tokenizer, model = models.load_policy(args, device)
 
     def load(path):
         return formats.tokenize(formats.read_data(path, ("completion",)), tokenizer, args.max_length, ("completion",))
@@ -105,7 +106,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=total, grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, common.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()
 
 

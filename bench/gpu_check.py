@@ -100,11 +100,11 @@ def build_reward_model(model_dir, out_dir):
     """rm.py's layout (backbone + value_head.safetensors) from the model's backbone, as tests/test_grpo.py makes one."""
     from transformers import AutoModel
 
-    import common
+    import models
     import rm
 
-    backbone = common.load_model(model_dir, torch.device("cpu"), "float32", auto_class=AutoModel)
-    rm.save_reward_model(rm.RewardModel(backbone), common.load_tokenizer(model_dir), out_dir)
+    backbone = models.load_model(model_dir, torch.device("cpu"), "float32", auto_class=AutoModel)
+    rm.save_reward_model(rm.RewardModel(backbone), models.load_tokenizer(model_dir), out_dir)
 
 
 def build_data(out_dir, tiny=False, n=64, seed=0):

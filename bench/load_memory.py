@@ -41,8 +41,9 @@ def worker(results, flags):
     import checkpoint
     import common
     import dpo
+    import models
 
-    load_model, seen, models = common.load_model, {}, []
+    load_model, seen, models = models.load_model, {}, []
 
     def first_load(*args, **kwargs):
         seen.setdefault("imports_mb", memory_mb("VmRSS"))
@@ -58,7 +59,7 @@ def worker(results, flags):
         common.barrier()
         sys.exit(0)
 
-    common.load_model, checkpoint.TrainState.resume = first_load, stop
+    models.load_model, checkpoint.TrainState.resume = first_load, stop
     dpo.main(flags)
 
 

@@ -13,8 +13,8 @@ A bf16 weight moves only when the step is at least half its rounding spacing, |w
     python bench/precision.py --model DIR --data pairs.jsonl
 """
 import argparse
-import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,8 +26,8 @@ import workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
 import dpo  # noqa: E402
+import models  # noqa: E402
 from toy.task import DATA_DIR  # noqa: E402
 
 RUNS = {"float32": "float32", "bf16 compute, fp32 weights": "bfloat16", "pure bf16 weights (before)": "bfloat16"}
@@ -42,14 +42,16 @@ def train(name, steps, args, out):
     flags = ["--model", args.model, "--data", args.data, "--output_dir", out, "--dtype", RUNS[name],
              "--save_dtype", "float32", "--lr", str(args.lr), "--warmup_ratio", "0", "--max_steps", str(steps),
              "--batch_size", str(args.batch_size), "--max_length", str(args.max_length), "--log_every", str(steps)]
-    load_model = common.load_model
+    load_model = models.load_model
     if name.startswith("pure"):  # the trained policy held in the compute dtype, as every model was before
-        common.load_model = functools.partial(load_model, trained=False)
+        models.load_model = lambda *args, **kwargs: load_model(*args, **{**kwargs, "trained": False})
     try:
         dpo.main(flags)
     finally:
-        common.load_model = load_model
-    return weights(out)
+        models.load_model = load_model
+    trained = weights(out)
+    shutil.rmtree(out)
+    return trained
 
 
 def moved(after, before):
@@ -79,13 +81,14 @@ def main():
     for name in RUNS:
         one, many = (train(name, steps, args, os.path.join(work, f"{RUNS[name]}-{len(results)}-{steps}"))
                      for steps in (1, args.steps))
-        update = torch.cat([(many[k] - w).flatten() for k, w in start.items()])
+        update = torch.cat([(many[k] - w).flatten() for k, w in start.items()]).double()  # float32 sums drift
         results[name] = sum(moved(one[k], w) for k, w in start.items()) / total, update
     print(f"| run | weights moved by 1 step | cosine of the {args.steps}-step update with float32's |")
     print("| --- | --- | --- |")
     for name, (share, update) in results.items():
         cosine = torch.nn.functional.cosine_similarity(update, results["float32"][1], dim=0)
         print(f"| {name} | {100 * share:.2f}% | {float(cosine):.3f} |")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

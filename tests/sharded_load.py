@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import models  # noqa: E402
 
 
 def full(tensor):
@@ -22,8 +23,8 @@ def check(path, auto_name, dtype, device):
     auto_class = getattr(transformers, auto_name)
     for trained in (True, False):
         expected = auto_class.from_pretrained(path, dtype=torch.float32 if trained else getattr(torch, dtype))
-        model = common.load_model(path, device, dtype, auto_class=auto_class, trained=trained)
-        assert common.is_sharded(model) == (trained or common.world() > 1), path  # one process: frozen is plain
+        model = models.load_model(path, device, dtype, auto_class=auto_class, trained=trained)
+        assert models.is_sharded(model) == (trained or common.world() > 1), path  # one process: frozen is plain
         got, want = model.state_dict(), expected.state_dict()
         assert got.keys() == want.keys(), set(got) ^ set(want)
         for key in want:

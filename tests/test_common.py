@@ -10,6 +10,7 @@ import batching
 import common
 import formats
 import logprobs
+import models
 from conftest import naive_completion_logps
 from toy.task import TINY_MODEL_DIR
 
@@ -48,7 +49,7 @@ def test_gather_logps_gradient_matches_naive():
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    return common.load_tokenizer(TINY_MODEL_DIR)
+    return models.load_tokenizer(TINY_MODEL_DIR)
 
 
 def test_labels_score_each_completion_token_once(tokenizer):
@@ -71,7 +72,7 @@ def test_labels_score_each_completion_token_once(tokenizer):
 
 def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer):
     """Scored positions equal a plain full forward's log_softmax; padding on either side changes nothing."""
-    model = common.load_model(tiny_model, torch.device("cpu"))
+    model = models.load_model(tiny_model, torch.device("cpu"))
     rows = [{"prompt": "tell me about animals :", "completion": "cat dog horse"},
             {"prompt": "tell me about fruits and colors and tools :", "completion": "apple"}]
     examples = formats.tokenize(rows, tokenizer, 64, ("completion",))
@@ -93,7 +94,7 @@ def test_token_logps_match_full_forward_and_ignore_padding(tiny_model, tokenizer
 def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
     """The toy tokenizer adds BOS: an empty prompt is [BOS], which predicts the first completion token, in a batch
     mixed with a longer prompt (so the row is left-padded) and in a batch of empty prompts only."""
-    model = common.load_model(tiny_model, torch.device("cpu"))
+    model = models.load_model(tiny_model, torch.device("cpu"))
     rows = [{"prompt": "", "completion": "cat dog"},
             {"prompt": "tell me about fruits and colors :", "completion": "apple"}]
     examples = formats.tokenize(rows, tokenizer, 64, ("completion",))
@@ -108,7 +109,7 @@ def test_empty_prompt_is_scored_after_bos(tiny_model, tokenizer):
 
 def test_empty_prompt_without_bos_is_an_error_naming_the_line(no_bos_model):
     """A Qwen-style tokenizer adds no BOS: an empty prompt has no token to predict the completion's first one."""
-    tokenizer = common.load_tokenizer(no_bos_model)
+    tokenizer = models.load_tokenizer(no_bos_model)
     assert tokenizer.bos_token is None
     rows = [{"prompt": "tell me :", "completion": "cat", "_where": "data.jsonl:1"},
             {"prompt": " ", "completion": "cat", "_where": "data.jsonl:2"}]
@@ -209,5 +210,5 @@ def test_pad_token_falls_back_to_eos(tmp_path, tokenizer):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     shutil.copy(os.path.join(TINY_MODEL_DIR, "config.json"), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")  # check_model_path only looks for the file
-    reloaded = common.load_tokenizer(str(tmp_path))
+    reloaded = models.load_tokenizer(str(tmp_path))
     assert reloaded.pad_token == reloaded.eos_token == "</s>"

@@ -15,6 +15,7 @@ import dpo
 import formats
 import kto
 import logprobs
+import models
 import sft
 
 CPU = torch.device("cpu")
@@ -39,12 +40,12 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def qwen(chat_model):
-    return common.load_tokenizer(chat_model)
+    return models.load_tokenizer(chat_model)
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    return common.load_tokenizer(tiny_model)
+    return models.load_tokenizer(tiny_model)
 
 
 def encode(tokenizer, text):
@@ -82,7 +83,7 @@ def test_two_turn_conversation_on_the_word_level_template(tiny):
 
 def test_multi_turn_sft_loss_is_the_mean_over_assistant_tokens(chat_model, qwen):
     """sft_loss on a batch equals the naive mean of -log p over the hand-marked assistant tokens."""
-    model = common.load_model(chat_model, CPU)
+    model = models.load_model(chat_model, CPU)
     (ex,) = formats.tokenize([{"prompt": TWO_TURNS[:1], "completion": TWO_TURNS[1:]}], qwen, 512, ("completion",))
     batch = batching.collate_single([ex], qwen.pad_token_id, CPU)
     n_scored = int((batch["labels"] != -100).sum())
@@ -119,7 +120,7 @@ PAIR_SHAPES = {
 
 
 def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen):
-    model = common.load_model(chat_model, CPU)
+    model = models.load_model(chat_model, CPU)
     batches, lines = {}, []
     for name, row in PAIR_SHAPES.items():
         rows = formats.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))

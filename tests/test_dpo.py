@@ -16,6 +16,7 @@ import batching
 import dpo
 import formats
 import logprobs
+import models
 from conftest import naive_completion_logps
 from toy.task import DATA_DIR as TOY_DATA_DIR
 
@@ -101,9 +102,9 @@ def test_gradient_pushes_chosen_up_and_rejected_down():
 
 
 def test_one_step_on_a_model_raises_chosen_and_lowers_rejected(tiny_model):
-    tokenizer = common.load_tokenizer(tiny_model)
-    policy = common.load_model(tiny_model, torch.device("cpu"))
-    ref = common.frozen(common.load_model(tiny_model, torch.device("cpu")))
+    tokenizer = models.load_tokenizer(tiny_model)
+    policy = models.load_model(tiny_model, torch.device("cpu"))
+    ref = models.frozen(models.load_model(tiny_model, torch.device("cpu")))
     row = {"prompt": "tell me about fruits :", "chosen": "apple pear plum", "rejected": "cat red saw hammer"}
     batch = batching.collate_pairs(formats.tokenize([row], tokenizer, 64, ("chosen", "rejected")),
                                  tokenizer.pad_token_id, torch.device("cpu"))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import common
 import formats
+import models
 from conftest import ROOT
 from toy.task import TINY_MODEL_DIR
 
@@ -232,7 +233,7 @@ def test_check_range_accepts(flag, value, bounds):
 def test_allow_pickle_loads_the_same_weights(model_dirs, dtype):
     reference = load_file(os.path.join(TINY_MODEL_DIR, "model.safetensors"))
     common.setup(argparse.Namespace(dtype=dtype, seed=0, dist_timeout=5, padding_free=None))
-    model = common.load_model(model_dirs["PICKLED"], torch.device("cpu"), dtype, allow_pickle=True, trained=True)
+    model = models.load_model(model_dirs["PICKLED"], torch.device("cpu"), dtype, allow_pickle=True, trained=True)
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    assert common.is_sharded(model) == (dtype == "bfloat16")
+    assert models.is_sharded(model) == (dtype == "bfloat16")
     assert all(torch.equal(state[k], v) for k, v in reference.items())

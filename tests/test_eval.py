@@ -17,6 +17,7 @@ import dpo
 import formats
 import kto
 import ld_dpo
+import models
 import orpo
 import ppo
 import rm
@@ -62,8 +63,8 @@ def train(script, out, *flags):
 def naive(tiny_model, data):
     """Per-response (summed log-prob, token count) of the held-out pairs under the untrained tiny model,
     each response scored alone through full logits and log_softmax().gather()."""
-    tokenizer = common.load_tokenizer(tiny_model)
-    model = common.load_model(tiny_model, torch.device("cpu")).eval()
+    tokenizer = models.load_tokenizer(tiny_model)
+    model = models.load_model(tiny_model, torch.device("cpu")).eval()
     pairs = formats.tokenize(formats.read_jsonl(data["eval_pairs"], ["prompt", "chosen", "rejected"]), tokenizer, 64,
                             ("chosen", "rejected"))
 
@@ -85,8 +86,8 @@ def assert_evaluated_every_step(rows, names):
 def test_sft_eval_loss_is_the_token_mean_nll(tiny_model, data, tmp_path, capsys):
     rows = train(sft, tmp_path / "out", "--model", tiny_model, "--data", data["sft"], "--eval_data", data["eval_sft"])
     assert_evaluated_every_step(rows, ["eval/loss"])
-    tokenizer = common.load_tokenizer(tiny_model)
-    model = common.load_model(tiny_model, torch.device("cpu")).eval()
+    tokenizer = models.load_tokenizer(tiny_model)
+    model = models.load_model(tiny_model, torch.device("cpu")).eval()
     nll = n = 0
     for e in formats.tokenize(formats.read_jsonl(data["eval_sft"], ["prompt", "completion"]), tokenizer, 64,
                              ("completion",)):
@@ -189,16 +190,16 @@ def test_unreachable_hub_fails_at_once(monkeypatch, tmp_path):
     for name in ("HF_HUB_OFFLINE", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: as unreachable as no network
-    common.check_hub_reachable.cache_clear()
+    models.check_hub_reachable.cache_clear()
     start = time.perf_counter()
     with pytest.raises(common.UserError, match="someorg/somemodel: cannot reach 127.0.0.1 .* set HF_HUB_OFFLINE=1 "
                                                ".* or pass a local model directory as --model"):
-        common.check_model_path("someorg/somemodel")
+        models.check_model_path("someorg/somemodel")
     assert time.perf_counter() - start < 5
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cache is read, nothing to probe
-    common.check_hub_reachable.cache_clear()
-    common.check_model_path("someorg/somemodel")
-    common.check_hub_reachable.cache_clear()
+    models.check_hub_reachable.cache_clear()
+    models.check_model_path("someorg/somemodel")
+    models.check_hub_reachable.cache_clear()
     # the whole script: one line, exit code 2, nothing written, and no progress bar on a non-terminal stderr
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "https_proxy", "HTTPS_PROXY")}
     done = subprocess.run([sys.executable, "sft.py", "--model", "someorg/somemodel", "--output_dir", str(tmp_path / "o")],

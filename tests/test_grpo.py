@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 import common  # noqa: E402
 import grpo  # noqa: E402
+import models  # noqa: E402
 from toy.rewards import gold_reward  # noqa: E402
 from toy.task import DATA_DIR, TOPIC_WORDS  # noqa: E402
 
@@ -240,8 +241,8 @@ def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
 
     reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
     torch.manual_seed(0)
-    rm.save_reward_model(rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel)),
-                         common.load_tokenizer(tiny_model), reward_model)
+    rm.save_reward_model(rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
+                         models.load_tokenizer(tiny_model), reward_model)
     data = tmp_path / "prompts.jsonl"
     with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
         data.write_text("".join(f.readlines()[:32]))

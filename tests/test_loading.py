@@ -1,4 +1,4 @@
-"""Sharded loading (common.load_model under FSDP2): each rank reads only its shards, and the model comes out as
+"""Sharded loading (models.load_model under FSDP2): each rank reads only its shards, and the model comes out as
 from_pretrained makes it, for plain, tied, prefixed (AutoModel from a causal LM) and converted (MoE) files."""
 import argparse
 import os

@@ -13,6 +13,7 @@ import common
 import dpo
 import kto
 import logprobs
+import models
 import ppo
 import rm
 
@@ -105,7 +106,7 @@ def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature, d
 
 def test_reference_forwards_packed_equal_padded(layout, device):
     """dpo/ld_dpo's reference and precompute_ref (no grad), kto's matched and mismatched halves."""
-    reference = common.frozen(tiny_llama(device, 1))
+    reference = models.frozen(tiny_llama(device, 1))
     pairs = batching.collate_pairs(PAIRS, 0, device)
     with torch.no_grad():
         padded, packed = layout(logprobs.token_logps, reference, pairs)

@@ -11,6 +11,7 @@ import batching
 import common
 import formats
 import logprobs
+import models
 import ppo
 import rm
 
@@ -131,11 +132,11 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     from transformers import AutoModel
 
     args = ppo.parse_args(["--model", tiny_model, "--temperature", "0.7", "--max_new_tokens", "12"])
-    tokenizer, policy = common.load_policy(args, CPU)
+    tokenizer, policy = models.load_policy(args, CPU)
     policy.generation_config.top_k = 50  # hub-style defaults that must not leak into PPO's sampling
     policy.generation_config.repetition_penalty = 1.5
     common.set_sampling(policy, args, tokenizer)
-    value_model = rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel))
+    value_model = rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     prompts = formats.tokenize(rows, tokenizer, 64, ())
 
@@ -167,10 +168,10 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
     args = ppo.parse_args(["--model", tiny_model, "--temperature", "0.7", "--max_new_tokens", "12", "--dtype",
                            "bfloat16"])
     common.setup(args)  # bf16 compute on float32 weights: a one-rank FSDP2
-    tokenizer, policy = common.load_policy(args, CPU)
-    assert policy.dtype == torch.float32 and common.is_sharded(policy)
+    tokenizer, policy = models.load_policy(args, CPU)
+    assert policy.dtype == torch.float32 and models.is_sharded(policy)
     common.set_sampling(policy, args, tokenizer)
-    value_model = rm.RewardModel(common.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
+    value_model = rm.RewardModel(models.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     torch.manual_seed(0)
     batch, _, old = ppo.rollout(policy, policy, value_model, value_model, formats.tokenize(rows, tokenizer, 64, ()),

@@ -47,7 +47,43 @@ def test_three_bf16_steps_point_where_float32_steps_point(dpo_runs):
     start, runs = dpo_runs
 
     def update(dtype):
-        return torch.cat([(runs[dtype, 3][k] - w).flatten() for k, w in start.items()])
+        return torch.cat([(runs[dtype, 3][k] - w).flatten() for k, w in start.items()]).double()  # float32 sums drift
 
     cosine = torch.nn.functional.cosine_similarity(update("float32"), update("bfloat16"), dim=0)
     assert cosine > 0.95, cosine  # pure bf16 weights: about 0.1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_head_logps_backward_multiplies_in_bf16_and_matches_float64(chunked, monkeypatch):
+    """Every GEMM of HeadLogps' backward (weight gradient included) runs in the compute dtype, bf16 here,
+    and the gradients equal float64 autograd's within bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from logprobs import HeadLogps
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.dtypes.append(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    if chunked:  # 2 rows per chunk: the forward keeps only the logsumexp, the backward recomputes
+        monkeypatch.setattr(HeadLogps, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(HeadLogps, "CHUNK_ELEMENTS", 2 * 50)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(6, 16), torch.randn(50, 16) / 4
+    labels = torch.randint(50, (6,))
+    bf16 = [t.to(torch.bfloat16).requires_grad_() for t in (hidden, weight)]
+    logps = HeadLogps.apply(*bf16[:1], bf16[1], None, labels, 0.7)
+    with Matmuls() as matmuls:
+        logps.sum().backward()
+    assert len(matmuls.dtypes) >= 2 and set(matmuls.dtypes) == {torch.bfloat16}, matmuls.dtypes
+
+    exact = [t.to(torch.bfloat16).double().requires_grad_() for t in (hidden, weight)]  # the same inputs
+    (exact[0] @ exact[1].T / 0.7).log_softmax(-1).gather(-1, labels[:, None]).sum().backward()
+    for got, want in zip(bf16, exact):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=2e-2, atol=2e-2)

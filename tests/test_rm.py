@@ -8,6 +8,7 @@ import torch
 import batching
 import common
 import formats
+import models
 import rm
 
 CPU = torch.device("cpu")
@@ -34,8 +35,8 @@ def tiny_rm(tiny_model):
     from transformers import AutoModel
 
     torch.manual_seed(0)
-    tokenizer = common.load_tokenizer(tiny_model)
-    return tokenizer, rm.RewardModel(common.load_model(tiny_model, CPU, auto_class=AutoModel)).eval()
+    tokenizer = models.load_tokenizer(tiny_model)
+    return tokenizer, rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)).eval()
 
 
 def test_reward_is_read_at_the_last_real_token(tiny_rm):
