@@ -143,8 +143,6 @@ def check_output_dir(args):
 def setup(args):
     """Init torch.distributed (nccl on CUDA, gloo on CPU) under torchrun, and as one rank where the compute dtype
     is not float32: FSDP2's mixed precision then keeps the float32 master weights (load_model). Returns the device."""
-    global PADDING_FREE
-    PADDING_FREE = getattr(args, "padding_free", None)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -167,6 +165,31 @@ def rank():
 
 def world():
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class Sums:
+    """Named sums over a step's micro-batches (or a held-out pass), kept on the device: no host sync per
+    micro-batch. total() adds them over ranks in one collective; every rank must add the same names."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, metrics):
+        for name, value in metrics.items():
+            self.values[name] = self.values.get(name, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+
+    def total(self, device):
+        names = sorted(self.values)
+        values = torch.stack([torch.as_tensor(self.values[n], device=device).double().reshape(()) for n in names])
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        return dict(zip(names, values.tolist()))
+
+
+def means(sums, count, prefix=""):
+    """Sums over examples -> their means (divided by count); `loss` is one already (each micro-batch's loss is
+    its share of the global batch's). Keys get `prefix` (eval/ for a held-out pass)."""
+    return {prefix + name: value if name == "loss" else value / count for name, value in sums.items()}
 
 
 def all_sum(values, device):
@@ -243,17 +266,6 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm):
     return norm
 
 
-# ---------------------------------------------------------------- data
-
-
-NOTES = []  # lines about the input (the detected data shapes), printed once every check has passed (Logger)
-
-
-# ---------------------------------------------------------------- padding-free (packed) forwards
-
-PADDING_FREE = None  # --padding_free / --no-padding_free, set by setup(); None: packing_check decides per model
-
-
 def unwrapped_class(model):
     """The model's own class: fully_shard swaps in a subclass FSDP<Name>(FSDPModule, <Name>)."""
     return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
@@ -265,13 +277,15 @@ def unwrapped_class(model):
 class Logger:
     """metrics.jsonl (one row per step: metrics logged for the same step are merged), a progress bar, a
     tokens/s counter and the end-of-run summary; writes on rank 0 only, creating output_dir then.
-    A run resumed after step `start` keeps the file's rows up to `start` and appends to them."""
-    HEADLINE = ("loss", "objective/scores", "reward")  # with every eval/ metric, shown before -> after in the summary
+    A run resumed after step `start` keeps the file's rows up to `start` and appends to them. `notes` (lines
+    about the input) are printed now, once every check has passed: a bad input gets its one error line only.
+    The summary shows the `headline` metrics and every eval/ one, before -> after."""
 
-    def __init__(self, args, start=0):
+    def __init__(self, args, start=0, notes=(), headline=("loss",)):
         self.args, self.path, self.start = args, os.path.join(args.output_dir, "metrics.jsonl"), start
-        while NOTES:  # not earlier: a bad input or flag gets its one error line and nothing else
-            print(NOTES.pop(0), file=sys.stderr)
+        self.headline = headline
+        for note in notes if rank() == 0 else ():
+            print(note, file=sys.stderr)
         # no bar off a terminal (pytest, log files): tqdm's disable=None
         self.bar = tqdm(total=args.max_steps, initial=start, disable=True if rank() != 0 else None, dynamic_ncols=True)
         self.file, self.row, self.tokens, self.t0 = None, None, 0, time.perf_counter()
@@ -296,7 +310,7 @@ class Logger:
             self.write()
         self.row = {**(self.row or {"step": step}), **metrics}
         for k, v in metrics.items():
-            if k in self.HEADLINE or k.startswith("eval/"):
+            if k in self.headline or k.startswith("eval/"):
                 self.first.setdefault(k, v)
                 self.last[k] = v
         shown = {k: f"{v:.4g}" for k, v in self.row.items() if k in ("loss", "eval/loss", "eval/gold_score")}

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from common import NOTES, UserError, rank
+from common import UserError, rank
 
 
 def read_jsonl(path, required):
@@ -89,11 +89,11 @@ SHAPES = {  # what the one stderr line says about each detected shape
 
 
 def read_data(path, fields):
-    """A data file in any accepted shape, as rows {"prompt", *fields, "_where"} that tokenize() takes.
+    """A data file in any accepted shape, as rows {"prompt", *fields, "_where"} that tokenize() takes, and a
+    line naming the shape found (for the Logger's notes).
 
     fields: ("completion",) for SFT, ("chosen", "rejected") for pairs, ("completion", "label") for
-    unpaired feedback, () for prompts. The first row's fields pick the shape (one stderr line says
-    which, in NOTES); every later row must have it. Chat rows come out as a list of prompt messages and
+    unpaired feedback, () for prompts. The first row's fields pick the shape; every later row must have it. Chat rows come out as a list of prompt messages and
     completions that start with an assistant turn; only SFT completions may hold later user turns,
     which are never scored. A string beside messages is a user prompt or an assistant reply.
     """
@@ -124,9 +124,7 @@ def read_data(path, fields):
         for f in fields if shape.endswith(" chat") or shape in ("implicit prompt", "H4") else ():
             if f != "label":
                 check_reply(row[f], f, fields, where)
-    if rank() == 0:
-        NOTES.append(f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})")
-    return rows
+    return rows, f"{path}: {shape} rows ({SHAPES[shape] if shape in SHAPES else SHAPES[shape.split()[-1]]})"
 
 
 def split_conversation(messages, where):

@@ -267,11 +267,10 @@ def main(argv=None):
     tokenizer, policy = models.load_policy(args, device)
     ref = reward_model = None
     if args.beta > 0:
-        ref = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
-                                              allow_pickle=args.allow_pickle))
+        ref = models.load_reference(args, device)
     if args.reward_model is not None:
         reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                          args.allow_pickle))
+                                                          args.allow_pickle, padding_free=args.padding_free))
         if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model "
                                    f"{args.model}; train the reward model from the same base")
@@ -282,8 +281,11 @@ def main(argv=None):
     schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.num_iterations})
     optimizer, scheduler = common.make_optimizer(policy, schedule)
 
+    notes = []
+
     def load(path):  # reward functions get each prompt's data row
-        rows = formats.read_data(path, ())
+        rows, note = formats.read_data(path, ())
+        notes.append(note)
         return [{**ex, "row": row} for ex, row in zip(
             formats.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ()), rows)]
 
@@ -300,7 +302,7 @@ def main(argv=None):
         return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_rewards(
             policy, ref, reward_model, reward_fns, weights, heldout, tokenizer, args, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes, headline=("loss", "reward"))
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the step clock

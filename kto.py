@@ -90,14 +90,15 @@ def rows_slice(batch, start, stop):
 
 
 def read_feedback(path):
-    """Unpaired rows (prompt, completion, label). A pairwise file (any pair shape), told apart by its
-    first row, gives one desirable row (chosen) and one undesirable row (rejected) per pair."""
+    """Unpaired rows (prompt, completion, label) and the note naming the shape found. A pairwise file (any
+    pair shape), told apart by its first row, gives one desirable row (chosen) and one undesirable row
+    (rejected) per pair."""
     # the first read only finds the format; parsing twice is cheap next to training
     if "chosen" not in formats.read_jsonl(path, [])[0]:
         return formats.read_data(path, ("completion", "label"))
-    pairs = formats.read_data(path, ("chosen", "rejected"))
+    pairs, note = formats.read_data(path, ("chosen", "rejected"))
     return [dict(prompt=p["prompt"], completion=p[field], label=field == "chosen", _where=p["_where"])
-            for p in pairs for field in ("chosen", "rejected")]
+            for p in pairs for field in ("chosen", "rejected")], note
 
 
 def weight_warning(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
@@ -160,11 +161,14 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, model = models.load_policy(args, device)
-    reference = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
-                                                allow_pickle=args.allow_pickle))
+    reference = models.load_reference(args, device)
+
+    notes = []
 
     def load(path):
-        return formats.tokenize(read_feedback(path), tokenizer, args.max_length, ("completion",))
+        rows, note = read_feedback(path)
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length, ("completion",))
 
     examples = load(args.data)
     n_desirable = sum(e["label"] for e in examples)
@@ -186,7 +190,7 @@ def main(argv=None):
         return {**(evaluate(model, tokenizer, args, device) if toy else {}),
                 **(heldout_metrics(model, heldout, heldout_ref, args, pad_id, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes)
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     model.train()

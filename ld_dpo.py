@@ -179,14 +179,17 @@ def main(argv=None):
 
     tokenizer, model = models.load_policy(args, device)
     ref_path = args.ref_model or args.model
-    ref_model = models.frozen(models.load_model(ref_path, device, args.dtype, args.trust_remote_code,
-                                                   allow_pickle=args.allow_pickle))
+    ref_model = models.load_reference(args, device, ref_path)
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
 
+    notes = []
+
     def load(path):
-        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
+        rows, note = formats.read_data(path, fields)
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length, fields)
 
     examples = load(args.data)
     optimizer, scheduler = common.make_optimizer(model, args)
@@ -207,7 +210,7 @@ def main(argv=None):
         return {**(evaluate(model, tokenizer, args, device) if toy else {}),
                 **(heldout_metrics(model, heldout, heldout_ref, args, pad_id, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes)
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     model.train()

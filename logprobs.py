@@ -1,17 +1,19 @@
 """A batch -> per-token log-probs of its completion tokens, from a padded or a packed forward.
 
-token_logps is the one path every script scores through: the LM head projects only the positions
-that predict a completion token (HeadLogps), and the model runs on the packed form of the batch
-when packs(model) (batching.pack; --padding_free, else a start-up check per model).
+token_logps is the one path every script scores through; naive_token_logps beside it is what it computes,
+the plain way. The fast path's LM head projects only the positions that predict a completion token
+(HeadLogps), and the model runs on the packed form of the batch when packs(model) (batching.pack;
+--padding_free, else a start-up check per model).
 """
+import math
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-import common
-from batching import collate, pack, unpack
-from common import rank, unwrapped_class
+from batching import collate, collate_pairs, pack, unpack
+from common import rank, unwrapped_class, world
 
 
 def gather_logps(logits, labels, chunk_rows=8):
@@ -24,6 +26,16 @@ def gather_logps(logits, labels, chunk_rows=8):
         lg = lg.float()
         out.append(lg.gather(-1, ix).squeeze(-1) - lg.logsumexp(-1))
     return torch.cat(out).masked_fill(~mask, 0.0)
+
+
+def naive_token_logps(model, batch, temperature=1.0):
+    """What token_logps computes, the plain way: full (B, W, V) float32 logits, log_softmax, gather. Column
+    P-1+j of the batch (P = W - C prompt columns) predicts completion token j."""
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits[:, -labels.shape[1] - 1:-1]
+    logps = (logits.float() / temperature).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logps.masked_fill(labels == -100, 0.0)
 
 
 def token_logps(model, batch, temperature=1.0):
@@ -95,6 +107,36 @@ def logps_and_entropy(model, batch, temperature):
     with torch.no_grad():
         entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
     return spread(gather_logps(logits, batch["labels"][mask]), mask), spread(entropy, mask)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ref_model, examples, batch_size, pad_id, device):
+    """--precompute_ref (DPO, LD-DPO): store each pair's reference per-token log-probs on it (`ref_chosen`,
+    `ref_rejected`), so that the reference can be freed before training.
+
+    Rank r scores the r-th contiguous share, then ranks swap results: later epochs reshuffle which rank
+    sees which pair. Every rank runs the same number of forwards, as FSDP's collectives require.
+    """
+    share = math.ceil(len(examples) / world())
+    mine = examples[rank() * share:(rank() + 1) * share]
+    scored = []
+    for i in range(0, share, batch_size):
+        chunk = mine[i:i + batch_size]
+        logps = token_logps(ref_model, collate_pairs(chunk or examples[:1], pad_id, device)).cpu()
+        scored += [(logps[j, :len(e["chosen"])].clone(), logps[len(chunk) + j, :len(e["rejected"])].clone())
+                   for j, e in enumerate(chunk)]
+    if dist.is_initialized():
+        shares = [None] * world()
+        dist.all_gather_object(shares, scored)
+        scored = [s for part in shares for s in part]
+    for e, (chosen, rejected) in zip(examples, scored):
+        e["ref_chosen"], e["ref_rejected"] = chosen, rejected
+
+
+def precomputed_ref_logps(examples, device):
+    """The (2B, C) reference per-token log-probs of a micro-batch, from precompute_ref_logps."""
+    rows = [e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
 
 
 def spread(values, mask):
@@ -193,9 +235,8 @@ def position_outputs(model, batch):
 
 
 def packs(model):
-    """Whether `model`'s forwards use the packed layout: as forced by --(no-)padding_free, else its packing_check."""
-    if common.PADDING_FREE is not None:
-        return common.PADDING_FREE
+    """Whether `model`'s forwards use the packed layout: model.padding_free (--padding_free / --no-padding_free,
+    set by models.load_model), else, where that is None, its packing_check once."""
     if getattr(model, "padding_free", None) is None:
         model.padding_free = packing_check(model)
     return model.padding_free

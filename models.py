@@ -14,12 +14,18 @@ from common import UserError, barrier, rank, resolve_dtype, world
 def load_policy(args, device):
     """The tokenizer and the trained model of --model (float32 weights, computing in --dtype)."""
     model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle,
-                       trained=True)
+                       trained=True, padding_free=args.padding_free)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return tokenizer, model
+
+
+def load_reference(args, device, path=None):
+    """The frozen reference model: `path` (default --model) in the compute dtype."""
+    return frozen(load_model(path or args.model, device, args.dtype, args.trust_remote_code,
+                             allow_pickle=args.allow_pickle, padding_free=args.padding_free))
 
 
 def frozen(model):
@@ -29,8 +35,9 @@ def frozen(model):
 
 
 def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None, allow_pickle=False,
-               trained=False):
+               trained=False, padding_free=None):
     """A model ready to run, safetensors unless allow_pickle; `auto_class` replaces AutoModelForCausalLM.
+    `padding_free` (True, False, or None: a start-up check decides) picks its forwards' layout (logprobs.packs).
 
     A `trained` model keeps float32 parameters (the master weights the optimizer updates) and computes in the
     compute dtype `dtype`; a frozen one is held in the compute dtype. Where FSDP2 is needed (under torchrun, or
@@ -45,6 +52,7 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
         model = pretrained(path, auto_class, params, trust_remote_code, allow_pickle).to(device)
     else:
         model = load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle)
+    model.padding_free = padding_free
     return disable_dropout(model)
 
 

@@ -216,10 +216,10 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, policy = models.load_policy(args, device)
-    ref = models.frozen(models.load_model(args.model, device, args.dtype, args.trust_remote_code,
-                                          allow_pickle=args.allow_pickle))
+    ref = models.load_reference(args, device)
     reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                      args.allow_pickle, trained) for trained in (False, True))
+                                                      args.allow_pickle, trained, args.padding_free)
+                                 for trained in (False, True))
     models.frozen(reward_model)
     if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
@@ -233,8 +233,12 @@ def main(argv=None):
     optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
     value_model.train()
 
+    notes = []
+
     def load(path):
-        return formats.tokenize(formats.read_data(path, ()), tokenizer, args.max_length - args.max_new_tokens, ())
+        rows, note = formats.read_data(path, ())
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length - args.max_new_tokens, ())
 
     prompts = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
@@ -251,7 +255,7 @@ def main(argv=None):
         return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_scores(
             policy, ref, reward_model, value_model, heldout, tokenizer, args, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes, headline=("objective/scores",))
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the rollout clock

@@ -72,15 +72,18 @@ def sharded_like_backbone(model, device, dtype):
     return models.shard_model(model, device, common.resolve_dtype(dtype, device)) if models.is_sharded(model) else model
 
 
-def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False):
-    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`: see load_model)."""
+def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False,
+                      padding_free=None):
+    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`, `padding_free`:
+    see models.load_model)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     head = os.path.join(path, HEAD_FILE)
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
-    model = RewardModel(models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained))
+    model = RewardModel(models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained,
+                                          padding_free))
     model.value_head.load_state_dict(load_file(head, device=str(device)))
     return sharded_like_backbone(model, device, dtype)
 
@@ -127,13 +130,17 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
     fields = ("chosen", "rejected")
 
+    notes = []
+
     def load(path):
-        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
+        rows, note = formats.read_data(path, fields)
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length, fields)
 
     examples = load(args.data)
     held_out = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     backbone = models.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
-                                 trained=True)
+                                 trained=True, padding_free=args.padding_free)
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = sharded_like_backbone(RewardModel(backbone), device, args.dtype)
@@ -144,7 +151,7 @@ def main(argv=None):
                                   value_head=model.value_head)
     start = state.resume()
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes)
     if held_out and start == 0:
         logger.log(0, evaluate_pairs(model, held_out, pad_id, device))
     model.train()

@@ -66,8 +66,12 @@ def main(argv=None):
 
     tokenizer, model = models.load_policy(args, device)
 
+    notes = []
+
     def load(path):
-        return formats.tokenize(formats.read_data(path, ("completion",)), tokenizer, args.max_length, ("completion",))
+        rows, note = formats.read_data(path, ("completion",))
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length, ("completion",))
 
     examples = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
@@ -80,7 +84,7 @@ def main(argv=None):
         return {**(evaluate(model, tokenizer, args, device) if toy else {}),
                 **(heldout_loss(model, heldout, tokenizer.pad_token_id, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes)
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     model.train()

@@ -127,8 +127,12 @@ def main(argv=None):
     tokenizer, model = models.load_policy(args, device)
     fields = ("chosen", "rejected")
 
+    notes = []
+
     def load(path):
-        return formats.tokenize(formats.read_data(path, fields), tokenizer, args.max_length, fields)
+        rows, note = formats.read_data(path, fields)
+        notes.append(note)
+        return formats.tokenize(rows, tokenizer, args.max_length, fields)
 
     examples = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
@@ -142,7 +146,7 @@ def main(argv=None):
         return {**(evaluate(model, tokenizer, args, device) if toy else {}),
                 **(heldout_metrics(model, heldout, args, pad_id, device) if heldout else {})}
 
-    logger = common.Logger(args, start)
+    logger = common.Logger(args, start, notes)
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     model.train()

@@ -232,7 +232,7 @@ def packed_vs_padded(model_dir, attn_implementation, dtype, device, tiny):
     out = {}
     with torch.no_grad():
         for packed in (False, True):
-            model.padding_free = packed  # read by logprobs.packs (common.PADDING_FREE is None here)
+            model.padding_free = packed  # read by logprobs.packs, as --padding_free sets it
             out[packed] = logprobs.token_logps(model, batch)[scored].float()
         model.padding_free = None
         check = logprobs.packing_check(model)

@@ -57,8 +57,8 @@ def test_two_turn_conversation_scores_both_assistant_turns_and_nothing_else(tmp_
     to the first assistant header; the completion holds "cat dog<|im_end|>" (scored), the newline, the
     second user turn and the assistant header (not scored), then "apple<|im_end|>" (scored)."""
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TWO_TURNS}, {"messages": [user("hi"), assistant("cat")]}])
-    rows = formats.read_data(path, ("completion",))
-    assert common.NOTES.pop() == f"{path}: messages rows (conversations, loss on every assistant turn and nothing else)"
+    rows, note = formats.read_data(path, ("completion",))
+    assert note == f"{path}: messages rows (conversations, loss on every assistant turn and nothing else)"
     ex = formats.tokenize(rows, qwen, 512, ("completion",))[0]
     assert ex["prompt"] == encode(qwen, SYSTEM + "<|im_start|>user\ntell me about animals :<|im_end|>\n"
                                           "<|im_start|>assistant\n")
@@ -102,9 +102,9 @@ def test_multi_turn_sft_loss_is_the_mean_over_assistant_tokens(chat_model, qwen)
 def test_messages_with_one_turn_equal_prompt_completion(tmp_path, qwen):
     chat = [{"role": "system", "content": "be brief"}, user("tell me about animals :"), assistant("cat dog")]
     a = formats.tokenize(formats.read_data(write_jsonl(tmp_path / "a.jsonl", [{"messages": chat + [user("bye")]}]),
-                                         ("completion",)), qwen, 512, ("completion",))
+                                         ("completion",))[0], qwen, 512, ("completion",))
     b = formats.tokenize(formats.read_data(write_jsonl(tmp_path / "b.jsonl", [{"prompt": chat[:2], "completion": chat[2:]}]),
-                                         ("completion",)), qwen, 512, ("completion",))
+                                         ("completion",))[0], qwen, 512, ("completion",))
     assert a == b and "completion_mask" not in a[0]  # a trailing user turn is dropped, nothing left unscored
     assert a[0]["prompt"][:len(encode(qwen, "<|im_start|>system\nbe brief"))] == encode(qwen, "<|im_start|>system\nbe brief")
 
@@ -123,8 +123,8 @@ def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen
     model = models.load_model(chat_model, CPU)
     batches, lines = {}, []
     for name, row in PAIR_SHAPES.items():
-        rows = formats.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))
-        lines.append(common.NOTES.pop())
+        rows, note = formats.read_data(write_jsonl(tmp_path / "pairs.jsonl", [row]), ("chosen", "rejected"))
+        lines.append(note)
         examples = formats.tokenize(rows, qwen, 512, ("chosen", "rejected"))
         batches[name] = batching.collate_pairs(examples, qwen.pad_token_id, CPU)
     assert [line.split(": ")[1].split(" (")[0] for line in lines] == [
@@ -141,8 +141,8 @@ def test_pair_shapes_give_identical_tokens_and_scores(tmp_path, chat_model, qwen
 
 def test_multi_turn_implicit_pair_takes_the_shared_turns_as_prompt(tmp_path, qwen):
     chosen, rejected = TWO_TURNS, TWO_TURNS[:3] + [assistant("red")]
-    rows = formats.read_data(write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}]),
-                            ("chosen", "rejected"))
+    rows, _ = formats.read_data(write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}]),
+                               ("chosen", "rejected"))
     assert rows[0]["prompt"] == TWO_TURNS[:3] and rows[0]["chosen"] == TWO_TURNS[3:]
     (ex,) = formats.tokenize(rows, qwen, 512, ("chosen", "rejected"))
     assert ex["chosen"] == encode(qwen, "apple<|im_end|>") and ex["rejected"] == encode(qwen, "red<|im_end|>")
@@ -151,14 +151,14 @@ def test_multi_turn_implicit_pair_takes_the_shared_turns_as_prompt(tmp_path, qwe
 def test_kto_and_ppo_read_messages(tmp_path, qwen):
     unpaired = write_jsonl(tmp_path / "u.jsonl", [{"prompt": [user(PROMPT)], "completion": [assistant(GOOD)], "label": True},
                                                   {"prompt": [user(PROMPT)], "completion": BAD, "label": False}])
-    rows = kto.read_feedback(unpaired)
+    rows, _ = kto.read_feedback(unpaired)
     assert [r["completion"] for r in rows] == [[assistant(GOOD)], [assistant(BAD)]]
-    pairs = kto.read_feedback(write_jsonl(tmp_path / "p.jsonl", [PAIR_SHAPES["implicit"]]))
+    pairs, _ = kto.read_feedback(write_jsonl(tmp_path / "p.jsonl", [PAIR_SHAPES["implicit"]]))
     assert [(r["prompt"], r["completion"], r["label"]) for r in pairs] == [
         ([user(PROMPT)], [assistant(GOOD)], True), ([user(PROMPT)], [assistant(BAD)], False)]
     examples = formats.tokenize(pairs, qwen, 512, ("completion",))
     assert examples[0]["completion"] == encode(qwen, f"{GOOD}<|im_end|>")
-    prompts = formats.read_data(write_jsonl(tmp_path / "q.jsonl", [{"prompt": [user(PROMPT)]}]), ())
+    prompts, _ = formats.read_data(write_jsonl(tmp_path / "q.jsonl", [{"prompt": [user(PROMPT)]}]), ())
     (ex,) = formats.tokenize(prompts, qwen, 512, ())
     assert ex["prompt"] == encode(qwen, SYSTEM + f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
 

@@ -110,8 +110,7 @@ def test_one_step_on_a_model_raises_chosen_and_lowers_rejected(tiny_model):
                                  tokenizer.pad_token_id, torch.device("cpu"))
     mask = batch["labels"] != -100
     before = logprobs.sequence_logps(policy, batch)[0].detach()
-    logps = dpo.pair_logps(logprobs.token_logps(policy, batch), logprobs.token_logps(ref, batch).detach(), mask,
-                           dpo.parse_args([]), None)
+    logps = dpo.pair_logps(logprobs.token_logps(policy, batch), logprobs.token_logps(ref, batch).detach(), mask)
     dpo.dpo_loss(*logps)[0].sum().backward()
     torch.optim.SGD(policy.parameters(), lr=0.1).step()
     after = logprobs.sequence_logps(policy, batch)[0].detach()
@@ -137,8 +136,7 @@ def test_sampo_draws_uniformly_and_uses_the_same_tokens_for_policy_and_reference
     n = 4000
     tokens = torch.tensor([[-1.0, -2, -3, -4]] * n + [[-5.0, -6, 0, 0]] * n)
     mask = tokens != 0
-    args = dpo.parse_args(["--sampo"])
-    chosen, rejected, ref_chosen, ref_rejected = dpo.pair_logps(tokens, tokens - 0.5, mask, args,
+    chosen, rejected, ref_chosen, ref_rejected = dpo.pair_logps(tokens, tokens - 0.5, mask,
                                                                 torch.Generator().manual_seed(1))
     assert chosen.mean().item() == pytest.approx(-5.0, abs=0.1)  # std of the mean: 1.12 / sqrt(4000) = 0.018
     assert torch.all(rejected == -11)  # the shorter response is summed whole

@@ -145,8 +145,6 @@ def run_in_process(script, argv):
     finally:
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, sigterm)
-        common.NOTES.clear()
-        common.PADDING_FREE = None
     return err.getvalue(), code
 
 

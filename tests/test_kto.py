@@ -108,7 +108,7 @@ def write_jsonl(path, rows):
 def test_pairwise_file_becomes_two_examples(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                                   {"prompt": "q", "chosen": "c", "rejected": "d"}])
-    rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in kto.read_feedback(path)]
+    rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in kto.read_feedback(path)[0]]
     assert rows == [{"prompt": "p", "completion": "a", "label": True}, {"prompt": "p", "completion": "b", "label": False},
                     {"prompt": "q", "completion": "c", "label": True}, {"prompt": "q", "completion": "d", "label": False}]
 

@@ -61,7 +61,7 @@ def test_ld_dpo_loss_by_hand():
     assert args.ld_alpha == 0.5
     assert losses.item() == pytest.approx(0.644397, abs=1e-6)
     assert chosen_r.item() == pytest.approx(0.0, abs=1e-7) and rejected_r.item() == pytest.approx(-0.1, abs=1e-7)
-    losses, _, _ = dpo.dpo_loss(*dpo.pair_logps(policy, ref, policy != 0, dpo.parse_args([]), None), beta=0.1)
+    losses, _, _ = dpo.dpo_loss(*dpo.pair_logps(policy, ref, policy != 0), beta=0.1)
     assert losses.item() == pytest.approx(0.668460, abs=1e-6)
 
 

@@ -120,3 +120,10 @@ def test_plain_path_divides_bf16_logits_by_the_temperature_in_float32(device):
         expected = (logits.float() / 0.7).log_softmax(-1).gather(-1, batch["labels"].clamp(min=0)[..., None])
         expected = expected.squeeze(-1).masked_fill(batch["labels"] == -100, 0.0)
         torch.testing.assert_close(logprobs.token_logps(model, batch, 0.7), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_naive_reference_beside_the_fast_path_is_this_tests_naive_computation(device):
+    model, batch = tiny_llama(device), padded_batch(device)
+    with torch.no_grad():
+        torch.testing.assert_close(logprobs.naive_token_logps(model, batch, 0.7), naive_token_logps(model, batch, 0.7),
+                                   rtol=0, atol=0)

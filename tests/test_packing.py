@@ -46,7 +46,7 @@ def layout(monkeypatch):
     def run(fn, *args):
         results = []
         for packed in (False, True):
-            monkeypatch.setattr(common, "PADDING_FREE", packed)
+            monkeypatch.setattr(logprobs, "packs", lambda model: packed)
             results.append(fn(*args))
         return results
     return run
@@ -167,11 +167,8 @@ def test_start_up_check_packs_a_good_model_and_falls_back_for_one_that_ignores_p
     with torch.no_grad():  # padded (fallback) scores equal the model scored padded; forced packing would not
         fallback = logprobs.token_logps(bad, batch)
         torch.testing.assert_close(fallback, logprobs.token_logps(good, batch), rtol=0, atol=1e-5)
-        common.PADDING_FREE = True
-        try:
-            forced = logprobs.token_logps(bad, batch)
-        finally:
-            common.PADDING_FREE = None
+        bad.padding_free = True  # as --padding_free sets it
+        forced = logprobs.token_logps(bad, batch)
     assert (forced - fallback).abs().max() > 1e-2
 
 
