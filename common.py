@@ -246,13 +246,16 @@ def evaluating(model):
         model.train(was_training)
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, args, total_steps=None):
+    """AdamW on the trained parameters and its schedule (linear warmup, then cosine) over `total_steps`
+    optimizer steps (default --max_steps; PPO and GRPO take several per rollout)."""
     from transformers import get_cosine_schedule_with_warmup
 
+    total_steps = total_steps or args.max_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    warmup = math.ceil(args.warmup_ratio * args.max_steps)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, args.max_steps)
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 def clip_and_step(model, optimizer, scheduler, max_grad_norm):

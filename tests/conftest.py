@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model (also with a tokenizer that adds no BOS) and one toy SFT checkpoint,
 built once per test session; `device`, where the device-aware tests run: TEST_DEVICE (default cpu), e.g.
 TEST_DEVICE=cuda python -m pytest -q tests/test_logps.py tests/test_packing.py (as bench/gpu_check.sh does)."""
+import json
 import os
 import shutil
 import sys
@@ -65,6 +66,12 @@ def no_bos_model(tiny_model, tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(tiny_model, name), out)
     return str(out)
+
+
+def read_metrics(out):
+    """The rows of out/metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def naive_completion_logps(model, tokenizer, prompt, completion):

@@ -17,7 +17,7 @@ import dpo
 import formats
 import logprobs
 import models
-from conftest import naive_completion_logps
+from conftest import naive_completion_logps, read_metrics
 from toy.task import DATA_DIR as TOY_DATA_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,11 +156,6 @@ def small_pairs(tmp_path, n=48, identical=False):
                 row["rejected"] = row["chosen"]
             dst.write(json.dumps(row) + "\n")
     return str(path)
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def run_dpo(model, data, out, *extra):

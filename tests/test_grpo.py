@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, read_metrics
 import common  # noqa: E402
 import grpo  # noqa: E402
 import models  # noqa: E402
@@ -176,10 +176,6 @@ def run_each_loss_type(flags, out):
                                "--output_dir", f"{out}/{loss_type}"])
     finally:
         grpo.generate = sample
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ import torch
 import common
 import kto
 from toy.task import DATA_DIR
+from conftest import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,11 +123,6 @@ def test_bad_label_names_file_and_line(tmp_path):
                                                   {"prompt": "p", "completion": "a", "label": True}])
     with pytest.raises(common.UserError, match=r"mixed.jsonl:2: missing field 'chosen'"):
         kto.read_feedback(path)
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("label", [True, False])

@@ -1,5 +1,4 @@
 """ld_dpo.py: the desensitised log-probs by hand, alpha = 1 is DPO, and training end to end."""
-import json
 import math
 import os
 
@@ -11,6 +10,7 @@ import common
 import dpo
 import ld_dpo
 from toy.task import DATA_DIR as TOY_DATA_DIR
+from conftest import read_metrics
 
 # Two pairs, chosen rows then rejected rows, right-padded with 0:
 #   pair 0: chosen -1 -2 -3 -4 (|y_w| = 4), rejected -5 -6 (|y_l| = 2)          -> l_p = 2
@@ -90,11 +90,6 @@ def small_pairs(tmp_path, n=48):
     with open(os.path.join(TOY_DATA_DIR, "pairs.jsonl")) as src:
         path.write_text("".join(list(src)[:n]))
     return str(path)
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_alpha_one_trains_exactly_like_dpo(sft_model, tmp_path):

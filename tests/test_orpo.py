@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import orpo
-from conftest import naive_completion_logps
+from conftest import naive_completion_logps, read_metrics
 from toy.task import DATA_DIR as TOY_DATA_DIR
 
 PAIRS = [
@@ -24,11 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def close(a, b, tol=1e-6):
     return abs(float(a) - float(b)) < tol
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_orpo_loss_by_hand():

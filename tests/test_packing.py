@@ -2,7 +2,6 @@
 (lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout.
 On the `device` fixture (TEST_DEVICE, default cpu); the runs go where the scripts put them (CUDA if any), in float32."""
 import json
-import os
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import logprobs
 import models
 import ppo
 import rm
+from conftest import read_metrics
 
 VOCAB = 300
 
@@ -178,11 +178,6 @@ def test_flags_force_either_layout():
         [None, True, False]
 
 
-def metrics(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("script, rows", [
     (dpo, [dict(prompt="tell me about " + "cat " * (i % 3 * 9), chosen="dog " * (1 + i % 4 * 7),
                 rejected="red") for i in range(8)]),
@@ -198,7 +193,7 @@ def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, mo
         out = str(tmp_path / flag)
         script.main(["--model", tiny_model, "--data", str(data), "--batch_size", "4", "--max_steps", "3",
                      "--log_every", "1", "--output_dir", out, "--dtype", "float32", flag])
-        runs.append(metrics(out))
+        runs.append(read_metrics(out))
         packed_batches.append(flag)
     assert packed_batches.index("--padding_free") >= 6 and packed_batches[-2] == "--padding_free"  # only it packs
     for packed, padded in zip(*runs):

@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import subprocess
@@ -14,6 +13,7 @@ import logprobs
 import models
 import ppo
 import rm
+from conftest import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -190,10 +190,6 @@ def reward_model(sft_model, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rm"))
     rm.main(["--model", sft_model, "--output_dir", out, "--max_steps", "40", "--log_every", "40"])
     return out
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def test_ppo_raises_the_reward_model_score(sft_model, reward_model, tmp_path):

@@ -1,5 +1,4 @@
 """sft.py: the loss by hand, training end to end, checkpoint round trip, and torchrun equivalence."""
-import json
 import math
 import os
 import shutil
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import logprobs
 import sft
 from toy.task import DATA_DIR
+from conftest import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,17 +42,12 @@ def copy_toy_data(tmp_path):
     return str(path)
 
 
-def rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_model):
     out = str(tmp_path / "out")
     sft.main(["--data", copy_toy_data(tmp_path), "--output_dir", out, "--max_steps", "60", "--log_every", "10"])
-    losses = [r["loss"] for r in rows(out) if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert losses[-1] < losses[0] - 0.2, losses
-    assert {"loss", "perplexity", "lr", "grad_norm", "tokens/s"} <= set(rows(out)[-1])
+    assert {"loss", "perplexity", "lr", "grad_norm", "tokens/s"} <= set(read_metrics(out)[-1])
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     trained = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -65,7 +60,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_mode
 
 
 def test_default_run_on_the_toy_task_raises_the_gold_score(sft_model):
-    evals = [r for r in rows(sft_model) if "eval/gold_score" in r]
+    evals = [r for r in read_metrics(sft_model) if "eval/gold_score" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 400
     assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.1, evals
 
@@ -79,7 +74,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common_flags,
            "--output_dir", two, "--batch_size", "4"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
-    for a, b in zip(rows(one), rows(two), strict=True):
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     w1, w2 = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
     assert w1.keys() == w2.keys()
