@@ -112,10 +112,10 @@ def micro_batches(examples, step, args):
 
     A pure function of (step, seed): each epoch is a seeded shuffle, each step takes the next global
     batch and rank r takes the r-th contiguous slice of every micro-batch. So one process with
-    batch_size B*W sees exactly what W processes with batch_size B see, and resuming needs no loader state.
+    batch_size B*N sees exactly what N processes with batch_size B see, and resuming needs no loader state.
     """
-    W, R, B = world(), rank(), args.batch_size
-    per_step = B * W * args.grad_accum
+    N, r, B = world(), rank(), args.batch_size  # ranks, this rank, examples per micro-batch
+    per_step = B * N * args.grad_accum
     steps_per_epoch = len(examples) // per_step
     if steps_per_epoch == 0:
         raise UserError(f"{args.data}: {len(examples)} examples is fewer than one global batch ({per_step} = "
@@ -124,7 +124,7 @@ def micro_batches(examples, step, args):
     order = list(range(len(examples)))
     random.Random(args.seed + epoch).shuffle(order)
     start = i * per_step
-    return [[examples[j] for j in order[start + (m * W + R) * B: start + (m * W + R + 1) * B]]
+    return [[examples[j] for j in order[start + (m * N + r) * B: start + (m * N + r + 1) * B]]
             for m in range(args.grad_accum)]
 
 

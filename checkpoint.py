@@ -59,7 +59,6 @@ def fsync_dir(path, files=True):
         fsync(p)
 
 
-
 def weights(module):
     """This rank's part of `module`'s state dict (its DTensor shards under FSDP2), with the keys save_pretrained
     writes: a tied weight (tie_word_embeddings) once, under the name transformers keeps."""

@@ -37,7 +37,7 @@ HEAD_FILE = "value_head.safetensors"
 
 def reward_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
     """Per-pair losses -logsig(r_w - r_l - margin) + center_coef * (r_w^2 + r_l^2) / 2, whose mean over the
-    pairs is the seed's (align-anything) form: center_coef times the mean of r^2 over all 2B rewards."""
+    pairs is align-anything's form: center_coef times the mean of r^2 over all 2B rewards."""
     return (-F.logsigmoid(chosen_rewards - rejected_rewards - margin)
             + center_coef * (chosen_rewards ** 2 + rejected_rewards ** 2) / 2)
 

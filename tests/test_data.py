@@ -1,4 +1,4 @@
-"""Data shapes (issue 11): every accepted shape of a data file, the exact tokens each one scores, and
+"""Data shapes: every accepted shape of a data file, the exact tokens each one scores, and
 the refusals. Most checks use the Qwen-style chat model (byte-level BPE, no BOS, ChatML with a default
 system prompt, <|im_end|> as EOS) that a new user brings; some also the tiny model's word-level one."""
 import json

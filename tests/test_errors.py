@@ -1,4 +1,4 @@
-"""Bad input (issue 7): one line on stderr naming the file (and line) and what to do, exit code 2,
+"""Bad input: one line on stderr naming the file (and line) and what to do, exit code 2,
 no traceback, and no output directory left behind. A few cases are real `python sft.py` runs (started
 together, since each spends its time importing torch); the rest call the script's main through
 common.run in this process, the same code path without the import cost."""
@@ -83,7 +83,7 @@ CASES = {
                          ["/nonexistent/pairs.jsonl: no such data file"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
-    # data shapes (issue 11; the other refusals are in test_data.py): one line naming the file and line
+    # data shapes (the other refusals are in test_data.py): one line naming the file and line
     "data_json_array": ("sft.py", json.dumps([GOOD, GOOD], indent=2), [],
                         ["data.jsonl:1: expected JSONL, one object per line; this is a JSON array"]),
     "data_csv": ("sft.py", "prompt,completion\nhi,there\n", [],

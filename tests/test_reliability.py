@@ -1,4 +1,4 @@
-"""Resume, atomic checkpoints, pre-emption and the NaN guard (issue 7), on sft.py and the tiny model;
+"""Resume, atomic checkpoints, pre-emption and the NaN guard, on sft.py and the tiny model;
 exact resume also for dpo.py, rm.py and ppo.py.
 
 metrics.jsonl rows are compared on every field except `tokens/s*`, the only ones that depend on time.
