@@ -316,7 +316,7 @@ class Logger:
             if k in self.headline or k.startswith("eval/"):
                 self.first.setdefault(k, v)
                 self.last[k] = v
-        shown = {k: f"{v:.4g}" for k, v in self.row.items() if k in ("loss", "eval/loss", "eval/gold_score")}
+        shown = {k: f"{v:.4g}" for k, v in self.row.items() if k.removeprefix("eval/") in self.headline}
         self.bar.set_postfix(shown, refresh=False)
 
     def write(self):
