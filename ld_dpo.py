@@ -22,11 +22,9 @@ The defaults suit the toy task (a tiny model, lr 1e-3); real models want --lr ~5
     python sft.py && python ld_dpo.py                       # toy task, starts from out/sft, CPU
     torchrun --nproc_per_node=8 ld_dpo.py --model my-sft-model --data pairs.jsonl --lr 5e-7 --max_steps 2000
 """
-import math
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import batching
@@ -63,39 +61,49 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
 
 
-def desensitized_logps(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask, alpha):
+def desensitized_logps(chosen_logps, chosen_mask, rejected_logps, rejected_mask, alpha):
     """LD-DPO's sequence log-probs (B,) of the chosen and the rejected responses of B pairs.
 
         l_p = min(|y_w|, |y_l|);  logp_hat(y) = sum_{t <= l_p} logp_t + alpha * sum_{t > l_p} logp_t
 
-    token_logps, mask: (B, C) per-token log-probs and response-token masks (any padding layout).
+    *_logps, *_mask: (B, C) per-token log-probs and response-token masks (any padding layout).
     """
     public_length = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))[:, None]
 
-    def desensitize(token_logps, mask):
+    def desensitize(logps, mask):
         public = mask & (mask.cumsum(-1) <= public_length)  # the first l_p response tokens
-        return (token_logps * public).sum(-1) + alpha * (token_logps * (mask & ~public)).sum(-1)
+        return (logps * public).sum(-1) + alpha * (logps * (mask & ~public)).sum(-1)
 
-    return desensitize(chosen_token_logps, chosen_mask), desensitize(rejected_token_logps, rejected_mask)
+    return desensitize(chosen_logps, chosen_mask), desensitize(rejected_logps, rejected_mask)
 
 
-def pair_logps(policy_tokens, ref_tokens, mask, args):
-    """(chosen, rejected, ref_chosen, ref_rejected) LD-DPO log-probs from (2B, C) per-token log-probs."""
+def pair_logps(policy_logps, ref_logps, mask, alpha):
+    """(chosen, rejected, ref_chosen, ref_rejected) LD-DPO log-probs (B,) from (2B, C) per-token log-probs,
+    chosen rows then rejected."""
     chosen_mask, rejected_mask = mask.chunk(2)
-    (chosen, rejected), (ref_chosen, ref_rejected) = policy_tokens.chunk(2), ref_tokens.chunk(2)
-    return (*desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, args.ld_alpha),
-            *desensitized_logps(ref_chosen, chosen_mask, ref_rejected, rejected_mask, args.ld_alpha))
+    (chosen, rejected), (ref_chosen, ref_rejected) = policy_logps.chunk(2), ref_logps.chunk(2)
+    return (*desensitized_logps(chosen, chosen_mask, rejected, rejected_mask, alpha),
+            *desensitized_logps(ref_chosen, chosen_mask, ref_rejected, rejected_mask, alpha))
 
 
+def ld_dpo_step(policy_logps, ref_logps, mask, n_pairs, n_chosen, args):
+    """A micro-batch of pairs -> (its share of the global batch's loss, named sums over its pairs).
 
-def pair_losses(policy_tokens, ref_tokens, mask, args):
-    """Per-pair (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) of a collate_pairs batch."""
-    chosen, rejected, ref_chosen, ref_rejected = pair_logps(policy_tokens, ref_tokens, mask, args)
+    policy_logps, ref_logps: (2B, C) per-token log-probs, chosen rows then rejected; mask: their response
+    tokens; n_pairs, n_chosen: the global batch's pairs and chosen tokens, which the loss averages over.
+    Training and the held-out pass both call it, so eval/loss is the training loss."""
+    chosen, rejected, ref_chosen, ref_rejected = pair_logps(policy_logps, ref_logps, mask, args.ld_alpha)
     chosen_len, rejected_len = mask.sum(-1).chunk(2)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected, args.beta, args.label_smoothing, args.loss_type,
         rdpo_term=args.rdpo_alpha * (chosen_len - rejected_len))
-    return losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach()
+    loss = losses.sum() / n_pairs
+    if args.rpo_alpha:  # RPO: minus the chosen responses' log-likelihood, a token mean
+        loss = loss - args.rpo_alpha * policy_logps.chunk(2)[0].sum() / n_chosen
+    return loss, {"loss": loss, "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+                  "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+                  "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
 
 
 def parse_args(argv=None):
@@ -125,50 +133,17 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()
-def precompute_ref_logps(ref_model, examples, args, pad_id, device):
-    """--precompute_ref: store each pair's reference per-token log-probs on it (`ref_chosen`, `ref_rejected`).
-
-    Rank r scores the r-th contiguous share, then ranks swap results: later epochs reshuffle which rank
-    sees which pair. Every rank runs the same number of forwards, as FSDP's collectives require.
-    """
-    share = math.ceil(len(examples) / common.world())
-    mine = examples[common.rank() * share:(common.rank() + 1) * share]
-    scored = []
-    for i in range(0, share, args.batch_size):
-        chunk = mine[i:i + args.batch_size]
-        tokens = logprobs.token_logps(ref_model, batching.collate_pairs(chunk or examples[:1], pad_id, device)).cpu()
-        scored += [(tokens[j, :len(e["chosen"])].clone(), tokens[len(chunk) + j, :len(e["rejected"])].clone())
-                   for j, e in enumerate(chunk)]
-    if dist.is_initialized():
-        shares = [None] * common.world()
-        dist.all_gather_object(shares, scored)
-        scored = [s for part in shares for s in part]
-    for e, (chosen, rejected) in zip(examples, scored):
-        e["ref_chosen"], e["ref_rejected"] = chosen, rejected
-
-
-def precomputed_ref_tokens(examples, device):
-    """The (2B, C) reference per-token log-probs of a micro-batch, from precompute_ref_logps."""
-    rows = [e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples]
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
-
-
-def heldout_metrics(model, chunks, ref_tokens, args, pad_id, device):
-    """`eval/loss` (the training loss), `eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs:
-    this rank's chunks, and the reference's per-token log-probs of each (computed once)."""
-    sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
+def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
+    """ld_dpo_step's metrics over the held-out pairs, as eval/...: this rank's chunks, and the reference's
+    per-token log-probs of each (computed once)."""
+    n_pairs, n_chosen = common.all_sum([sum(map(len, chunks)), sum(len(e["chosen"]) for c in chunks for e in c)], device)
+    sums = common.Sums()
     with common.evaluating(model):
-        for chunk, ref in zip(chunks, ref_tokens):
+        for chunk, ref in zip(chunks, ref_logps):
             batch = batching.collate_pairs(chunk, pad_id, device)
-            tokens, mask = logprobs.token_logps(model, batch), batch["labels"] != -100
-            losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, ref, mask, args)
-            sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
-                                 mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
-                                 (chosen_rewards - rejected_rewards).sum()]).double().cpu()
-    n, loss, nll, n_chosen, correct, margin = common.all_sum(sums.tolist(), device)
-    return {"eval/loss": loss / n + args.rpo_alpha * nll / n_chosen, "eval/rewards/accuracies": correct / n,
-            "eval/rewards/margins": margin / n}
+            sums.add(ld_dpo_step(logprobs.token_logps(model, batch), ref, batch["labels"] != -100, n_pairs,
+                                 n_chosen, args)[1])
+    return common.means(sums.total(device), n_pairs, prefix="eval/")
 
 
 def main(argv=None):
@@ -183,7 +158,6 @@ def main(argv=None):
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
-
     notes = []
 
     def load(path):
@@ -200,7 +174,7 @@ def main(argv=None):
         with torch.no_grad():
             heldout_ref = [logprobs.token_logps(ref_model, batching.collate_pairs(c, pad_id, device)) for c in heldout]
     if args.precompute_ref:
-        precompute_ref_logps(ref_model, examples, args, pad_id, device)
+        logprobs.precompute_ref_logps(ref_model, examples, args.batch_size, pad_id, device)
         ref_model = None
 
     state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
@@ -218,38 +192,26 @@ def main(argv=None):
         micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # RPO's token mean
-        stats = torch.zeros(6, dtype=torch.float64)  # loss; sums over pairs of r_w, r_l, [r_w > r_l], logp_w, logp_l
+        sums = common.Sums()
         for mb in micro:
             batch = batching.collate_pairs(mb, pad_id, device)
-            mask = batch["labels"] != -100
-            policy_tokens = logprobs.token_logps(model, batch)
+            policy_logps = logprobs.token_logps(model, batch)
             with torch.no_grad():
-                ref_tokens = (logprobs.token_logps(ref_model, batch) if ref_model is not None
-                              else precomputed_ref_tokens(mb, device))
-            losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
-                policy_tokens, ref_tokens, mask, args)
-            loss = losses.sum() / n_pairs
-            if args.rpo_alpha:
-                loss = loss - args.rpo_alpha * policy_tokens.chunk(2)[0].sum() / n_chosen
+                ref_logps = (logprobs.token_logps(ref_model, batch) if ref_model is not None
+                             else logprobs.precomputed_ref_logps(mb, device))
+            loss, metrics = ld_dpo_step(policy_logps, ref_logps, batch["labels"] != -100, n_pairs, n_chosen, args)
             (loss * common.world()).backward()  # FSDP averages gradients over ranks
-            stats += torch.stack([loss.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                                  (chosen_rewards > rejected_rewards).sum(), chosen.sum(),
-                                  rejected.sum()]).double().cpu()
+            sums.add(metrics)
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss, *sums = common.all_sum(stats.tolist(), device)
-            chosen_r, rejected_r, correct, chosen_lp, rejected_lp = (s / n_pairs for s in sums)
-            logger.log(step, {"loss": loss, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
-                              "rewards/margins": chosen_r - rejected_r, "rewards/accuracies": correct,
-                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens/s": logger.tokens_per_second(device)})
+            logger.log(step, {**common.means(sums.total(device), n_pairs), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

@@ -6,8 +6,8 @@
 avg_logp = logp / |y| is the mean response-token log-prob (EOS included): with summed log-probs
 P would be about 0 and the odds term would vanish. NLL(y_w) is the token mean over every chosen
 response token of the global batch, as in sft.py; the odds-ratio term is the mean over the
-global batch's pairs. No reference model. lam = 0.1 (paper and TRL; the seed, ms-swift, and TRL
-pass it as --beta, which is accepted as an alias of --lam). Rewards are logged as lam * avg_logp,
+global batch's pairs. No reference model. lam = 0.1 (paper and TRL; ms-swift and TRL pass it
+as --beta, which is accepted as an alias of --lam). Rewards are logged as lam * avg_logp,
 with TRL's `log_odds_ratio` (the mean of logsig(log_odds(y_w) - log_odds(y_l))) and
 `log_odds_chosen` (the mean of log_odds(y_w) - log_odds(y_l)).
 
@@ -50,6 +50,31 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
     return -lam * F.logsigmoid(log_odds), log_odds.detach()
 
 
+def orpo_step(policy_logps, mask, n_pairs, n_chosen, args):
+    """A micro-batch of pairs -> (its share of the global batch's loss, named sums over its pairs).
+
+    policy_logps: (2B, C) per-token log-probs, chosen rows then rejected; mask: their response tokens;
+    n_pairs, n_chosen: the global batch's pairs and chosen tokens, which the loss averages over. The rewards
+    are lam * avg_logp; nll_loss, like loss, is already this micro-batch's share of the global batch's.
+    Training and the held-out pass both call it, so eval/loss is the training loss."""
+    chosen, rejected = (policy_logps.sum(-1) / mask.sum(-1)).chunk(2)  # average response log-probs
+    losses, log_odds = orpo_loss(chosen, rejected, args.lam)
+    nll = -policy_logps.chunk(2)[0].sum() / n_chosen  # the chosen responses' NLL, a token mean
+    loss = losses.sum() / n_pairs + nll
+    return loss, {"loss": loss, "nll_loss": nll, "rewards/chosen": args.lam * chosen.sum(),
+                  "rewards/rejected": args.lam * rejected.sum(),
+                  "rewards/margins": args.lam * (chosen - rejected).sum(),
+                  "rewards/accuracies": (chosen > rejected).sum(),
+                  "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
+                  "log_odds_ratio": F.logsigmoid(log_odds).sum(), "log_odds_chosen": log_odds.sum()}
+
+
+def step_means(sums, n_pairs, prefix=""):
+    """orpo_step's summed metrics -> the logged means: over the pairs, but loss and nll_loss are already the
+    global batch's."""
+    return {**common.means(sums, n_pairs, prefix), prefix + "nll_loss": sums["nll_loss"]}
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "pairs.jsonl"), model=SFT_MODEL_DIR,
                            lr=3e-4, max_steps=150, batch_size=16, real_lr="8e-6", eval_file="eval_pairs.jsonl",
@@ -57,31 +82,20 @@ def parse_args(argv=None):
     p.add_argument("--lam", "--beta", dest="lam", type=float, default=0.1,
                    help="weight of the odds-ratio term (the paper's lambda; TRL calls it beta, so --beta works too)")
     args = p.parse_args(argv)
-    if args.lam < 0:
-        raise common.UserError(f"--lam must be non-negative, got {args.lam}")
+    common.check_range(args, "lam", low=0)
     return args
 
 
-def pair_losses(tokens, mask, args):
-    """Per-pair (losses, log_odds, chosen_avg_logps, rejected_avg_logps) from (2B, C) per-token log-probs,
-    chosen rows then rejected rows."""
-    chosen, rejected = (tokens.sum(-1) / mask.sum(-1)).chunk(2)
-    return (*orpo_loss(chosen, rejected, args.lam), chosen.detach(), rejected.detach())
-
-
 def heldout_metrics(model, chunks, args, pad_id, device):
-    """`eval/loss` (the training loss), `eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs
-    (this rank's chunks)."""
-    sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
+    """orpo_step's metrics over the held-out pairs (this rank's chunks), as eval/..."""
+    n_pairs, n_chosen = common.all_sum([sum(map(len, chunks)), sum(len(e["chosen"]) for c in chunks for e in c)], device)
+    sums = common.Sums()
     with common.evaluating(model):
         for chunk in chunks:
             batch = batching.collate_pairs(chunk, pad_id, device)
-            tokens, mask = logprobs.token_logps(model, batch), batch["labels"] != -100
-            losses, _, chosen, rejected = pair_losses(tokens, mask, args)  # rewards: lam * chosen, lam * rejected
-            sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
-                                 mask.chunk(2)[0].sum(), (chosen > rejected).sum(), args.lam * (chosen - rejected).sum()]).double().cpu()
-    n, loss, nll, n_chosen, correct, margin = common.all_sum(sums.tolist(), device)
-    return {"eval/loss": loss / n + nll / n_chosen, "eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+            sums.add(orpo_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_pairs, n_chosen,
+                               args)[1])
+    return step_means(sums.total(device), n_pairs, prefix="eval/")
 
 
 def main(argv=None):
@@ -92,7 +106,6 @@ def main(argv=None):
 
     tokenizer, model = models.load_policy(args, device)
     fields = ("chosen", "rejected")
-
     notes = []
 
     def load(path):
@@ -120,34 +133,23 @@ def main(argv=None):
         micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the odds-ratio term is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # NLL's token mean
-        # loss, NLL; sums over pairs of avg_logp(y_w), avg_logp(y_l), [y_w ahead], logsig(log_odds), log_odds
-        stats = torch.zeros(7, dtype=torch.float64)
+        sums = common.Sums()
         for mb in micro:
             batch = batching.collate_pairs(mb, pad_id, device)
-            policy_tokens = logprobs.token_logps(model, batch)
-            losses, log_odds, chosen, rejected = pair_losses(policy_tokens, batch["labels"] != -100, args)
-            nll = -policy_tokens.chunk(2)[0].sum() / n_chosen
-            loss = losses.sum() / n_pairs + nll
+            loss, metrics = orpo_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_pairs, n_chosen,
+                                      args)
             (loss * common.world()).backward()  # FSDP averages gradients over ranks
-            stats += torch.stack([loss.detach(), nll.detach(), chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
-                                  F.logsigmoid(log_odds).sum(), log_odds.sum()]).double().cpu()
+            sums.add(metrics)
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss, nll, *sums = common.all_sum(stats.tolist(), device)
-            chosen_lp, rejected_lp, correct, log_odds_ratio, log_odds_chosen = (s / n_pairs for s in sums)
-            logger.log(step, {"loss": loss, "nll_loss": nll, "rewards/chosen": args.lam * chosen_lp,
-                              "rewards/rejected": args.lam * rejected_lp,
-                              "rewards/margins": args.lam * (chosen_lp - rejected_lp), "rewards/accuracies": correct,
-                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
-                              "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen,
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens/s": logger.tokens_per_second(device)})
+            logger.log(step, {**step_means(sums.total(device), n_pairs), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

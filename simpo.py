@@ -12,8 +12,8 @@ logp is the sum of response-token log-probs, avg_logp = logp / |y| (EOS included
 the token mean over every chosen response token of the global batch, as in sft.py; the
 preference term is the mean over the global batch's pairs. No reference model is loaded.
 
-Defaults: SimPO beta 2.0, gamma 1.0, cpo_alpha 0 (the original SimPO; the seed, ms-swift,
-documents cpo_alpha 1.0, its NLL mix "for stability"). CPO: beta 0.1, cpo_alpha 1.0.
+Defaults: SimPO beta 2.0, gamma 1.0, cpo_alpha 0 (the original SimPO; ms-swift documents
+cpo_alpha 1.0, its NLL mix "for stability"). CPO: beta 0.1, cpo_alpha 1.0.
 --lr defaults suit the toy model: 5e-5 for SimPO (which collapses there at 3e-4 without the
 NLL mix), 3e-4 for CPO. SimPO is very sensitive to the learning rate; on real models the
 paper uses 3e-7..1e-6.
@@ -28,7 +28,6 @@ conversations with the prompt implicit or repeated (H4; README, Bring your own d
 """
 import os
 
-import torch
 import torch.nn.functional as F
 
 import batching
@@ -65,14 +64,35 @@ def cpo_loss(chosen_logps, rejected_logps, beta=0.1):
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def pair_losses(tokens, mask, args):
-    """Per-pair (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) from (2B, C) per-token
-    log-probs, chosen rows then rejected rows; the logps are those the loss uses (averages for simpo, sums for cpo)."""
-    logps, lengths = tokens.sum(-1), mask.sum(-1)
+def simpo_step(policy_logps, mask, n_pairs, n_chosen, args):
+    """A micro-batch of pairs -> (its share of the global batch's loss, named sums over its pairs).
+
+    policy_logps: (2B, C) per-token log-probs, chosen rows then rejected; mask: their response tokens;
+    n_pairs, n_chosen: the global batch's pairs and chosen tokens, which the loss averages over. The logged
+    logps are those the loss uses: averages for simpo, sums for cpo. nll_loss, like loss, is already this
+    micro-batch's share of the global batch's. Training and the held-out pass both call it, so eval/loss is
+    the training loss."""
+    logps, lengths = policy_logps.sum(-1), mask.sum(-1)
     if args.loss == "cpo":
-        return (*cpo_loss(*logps.chunk(2), args.beta), *logps.detach().chunk(2))
-    losses = simpo_loss(*logps.chunk(2), *lengths.chunk(2), args.beta, args.gamma)
-    return (*losses, *(logps / lengths).detach().chunk(2))
+        losses, chosen_rewards, rejected_rewards = cpo_loss(*logps.chunk(2), args.beta)
+        chosen, rejected = logps.chunk(2)
+    else:
+        losses, chosen_rewards, rejected_rewards = simpo_loss(*logps.chunk(2), *lengths.chunk(2), args.beta,
+                                                              args.gamma)
+        chosen, rejected = (logps / lengths).chunk(2)
+    nll = -policy_logps.chunk(2)[0].sum() / n_chosen  # the chosen responses' NLL, a token mean
+    loss = losses.sum() / n_pairs + args.cpo_alpha * nll
+    return loss, {"loss": loss, "nll_loss": nll, "rewards/chosen": chosen_rewards.sum(),
+                  "rewards/rejected": rejected_rewards.sum(),
+                  "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+                  "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
+
+
+def step_means(sums, n_pairs, prefix=""):
+    """simpo_step's summed metrics -> the logged means: over the pairs, but loss and nll_loss are already the
+    global batch's."""
+    return {**common.means(sums, n_pairs, prefix), prefix + "nll_loss": sums["nll_loss"]}
 
 
 def parse_args(argv=None):
@@ -92,10 +112,8 @@ def parse_args(argv=None):
     args.beta = (0.1 if cpo else 2.0) if args.beta is None else args.beta
     args.cpo_alpha = (1.0 if cpo else 0.0) if args.cpo_alpha is None else args.cpo_alpha
     args.lr = (3e-4 if cpo else 5e-5) if args.lr is None else args.lr  # on the toy task SimPO collapses at 3e-4
-    if args.beta <= 0:
-        raise common.UserError(f"--beta must be positive, got {args.beta}")
-    if args.cpo_alpha < 0:
-        raise common.UserError(f"--cpo_alpha must be non-negative, got {args.cpo_alpha}")
+    common.check_range(args, "beta", above=0)
+    common.check_range(args, "cpo_alpha", low=0)
     if cpo and args.gamma is not None:
         raise common.UserError("--gamma is SimPO's reward margin; --loss cpo has none")
     args.gamma = 1.0 if args.gamma is None else args.gamma
@@ -103,19 +121,15 @@ def parse_args(argv=None):
 
 
 def heldout_metrics(model, chunks, args, pad_id, device):
-    """`eval/loss` (the training loss), `eval/rewards/accuracies` and `eval/rewards/margins` on held-out pairs
-    (this rank's chunks)."""
-    sums = torch.zeros(6, dtype=torch.float64)  # pairs; sums of losses, chosen NLL and tokens, [r_w > r_l], r_w - r_l
+    """simpo_step's metrics over the held-out pairs (this rank's chunks), as eval/..."""
+    n_pairs, n_chosen = common.all_sum([sum(map(len, chunks)), sum(len(e["chosen"]) for c in chunks for e in c)], device)
+    sums = common.Sums()
     with common.evaluating(model):
         for chunk in chunks:
             batch = batching.collate_pairs(chunk, pad_id, device)
-            tokens, mask = logprobs.token_logps(model, batch), batch["labels"] != -100
-            losses, chosen_rewards, rejected_rewards, _, _ = pair_losses(tokens, mask, args)
-            sums += torch.stack([losses.new_tensor(len(chunk)), losses.sum(), -tokens.chunk(2)[0].sum(),
-                                 mask.chunk(2)[0].sum(), (chosen_rewards > rejected_rewards).sum(),
-                                 (chosen_rewards - rejected_rewards).sum()]).double().cpu()
-    n, loss, nll, n_chosen, correct, margin = common.all_sum(sums.tolist(), device)
-    return {"eval/loss": loss / n + args.cpo_alpha * nll / n_chosen, "eval/rewards/accuracies": correct / n, "eval/rewards/margins": margin / n}
+            sums.add(simpo_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_pairs, n_chosen,
+                                args)[1])
+    return step_means(sums.total(device), n_pairs, prefix="eval/")
 
 
 def main(argv=None):
@@ -126,7 +140,6 @@ def main(argv=None):
 
     tokenizer, model = models.load_policy(args, device)
     fields = ("chosen", "rejected")
-
     notes = []
 
     def load(path):
@@ -154,33 +167,23 @@ def main(argv=None):
         micro = batching.micro_batches(examples, step - 1, args)
         n_pairs = args.batch_size * len(micro) * common.world()  # the loss is a mean over the global batch
         (n_chosen,) = common.all_sum([sum(len(e["chosen"]) for mb in micro for e in mb)], device)  # NLL's token mean
-        stats = torch.zeros(7, dtype=torch.float64)  # loss, NLL; sums over pairs of r_w, r_l, [r_w>r_l], logp_w, logp_l
+        sums = common.Sums()
         for mb in micro:
             batch = batching.collate_pairs(mb, pad_id, device)
-            policy_tokens = logprobs.token_logps(model, batch)
-            losses, chosen_rewards, rejected_rewards, chosen, rejected = pair_losses(
-                policy_tokens, batch["labels"] != -100, args)
-            nll = -policy_tokens.chunk(2)[0].sum() / n_chosen
-            loss = losses.sum() / n_pairs + args.cpo_alpha * nll
+            loss, metrics = simpo_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_pairs, n_chosen,
+                                       args)
             (loss * common.world()).backward()  # FSDP averages gradients over ranks
-            stats += torch.stack([loss.detach(), nll.detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                                  (chosen_rewards > rejected_rewards).sum(), chosen.sum(),
-                                  rejected.sum()]).double().cpu()
+            sums.add(metrics)
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss, nll, *sums = common.all_sum(stats.tolist(), device)
-            chosen_r, rejected_r, correct, chosen_lp, rejected_lp = (s / n_pairs for s in sums)
-            logger.log(step, {"loss": loss, "nll_loss": nll, "rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
-                              "rewards/margins": chosen_r - rejected_r, "rewards/accuracies": correct,
-                              "logps/chosen": chosen_lp, "logps/rejected": rejected_lp,
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens/s": logger.tokens_per_second(device)})
+            logger.log(step, {**step_means(sums.total(device), n_pairs), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=stats[0], grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

@@ -57,12 +57,26 @@ def test_ld_dpo_loss_by_hand():
     policy = torch.tensor([[-1.0, -2, -3, -4], [-5.0, -6, 0, 0]])
     ref = torch.tensor([[-1.5, -2, -3, -3], [-5.0, -5, 0, 0]])
     args = ld_dpo.parse_args([])
-    losses, chosen_r, rejected_r = ld_dpo.dpo_loss(*ld_dpo.pair_logps(policy, ref, policy != 0, args), beta=0.1)
+    losses, chosen_r, rejected_r = ld_dpo.dpo_loss(*ld_dpo.pair_logps(policy, ref, policy != 0, args.ld_alpha), beta=0.1)
     assert args.ld_alpha == 0.5
     assert losses.item() == pytest.approx(0.644397, abs=1e-6)
     assert chosen_r.item() == pytest.approx(0.0, abs=1e-7) and rejected_r.item() == pytest.approx(-0.1, abs=1e-7)
     losses, _, _ = dpo.dpo_loss(*dpo.pair_logps(policy, ref, policy != 0), beta=0.1)
     assert losses.item() == pytest.approx(0.668460, abs=1e-6)
+
+
+def test_ld_dpo_step_by_hand():
+    # the pair above as one micro-batch's share of a global batch of 2 pairs and 8 chosen tokens, RPO weight 1:
+    #   loss = 0.644397 / 2 - 1 * (-1-2-3-4) / 8 = 0.322199 + 1.25 = 1.572199
+    #   rewards: chosen 0.1 * (-6.5 - -6.5) = 0, rejected 0.1 * (-11 - -10) = -0.1; logps: the desensitised sums
+    policy = torch.tensor([[-1.0, -2, -3, -4], [-5.0, -6, 0, 0]])
+    ref = torch.tensor([[-1.5, -2, -3, -3], [-5.0, -5, 0, 0]])
+    args = ld_dpo.parse_args(["--rpo_alpha", "1"])
+    loss, metrics = ld_dpo.ld_dpo_step(policy, ref, policy != 0, 2, 8, args)
+    assert loss.item() == pytest.approx(1.572199, abs=1e-6) and metrics["loss"] is loss
+    expected = {"rewards/chosen": 0.0, "rewards/rejected": -0.1, "rewards/margins": 0.1, "rewards/accuracies": 1.0,
+                "logps/chosen": -6.5, "logps/rejected": -11.0}
+    assert {k: float(v) for k, v in metrics.items() if k != "loss"} == pytest.approx(expected, abs=1e-6)
 
 
 def test_rdpo_term_is_added():

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +66,21 @@ def test_identical_chosen_and_rejected_give_finite_losses():
     losses, log_odds = orpo.orpo_loss(avg, avg)
     assert torch.allclose(log_odds, torch.zeros(2))
     assert torch.allclose(losses, torch.full((2,), 0.1 * math.log(2)))
+
+
+def test_orpo_step_by_hand():
+    # the pair of test_orpo_loss_by_hand (chosen -0.5 -0.5: a_w = -0.5; rejected -1: a_l = -1) as one micro-batch's
+    # share of a global batch of 2 pairs and 4 chosen tokens: NLL = 1 / 4 = 0.25
+    # log_odds_ratio = logsig(0.9740770) = -log(1.3775541) = -0.3202998, loss = 0.03202998 / 2 + 0.25 = 0.2660150
+    policy = torch.tensor([[-0.5, -0.5], [-1.0, 0]])
+    loss, metrics = orpo.orpo_step(policy, policy != 0, 2, 4, orpo.parse_args([]))
+    assert close(loss, 0.266015) and metrics["loss"] is loss  # rewards: 0.1 * a
+    expected = {"nll_loss": 0.25, "rewards/chosen": -0.05, "rewards/rejected": -0.1, "rewards/margins": 0.05,
+                "rewards/accuracies": 1.0, "logps/chosen": -0.5, "logps/rejected": -1.0,
+                "log_odds_ratio": -0.3202998, "log_odds_chosen": 0.974077}
+    assert {k: float(v) for k, v in metrics.items() if k != "loss"} == pytest.approx(expected, abs=1e-6)
+    means = orpo.step_means({**{k: float(v) for k, v in metrics.items()}, "loss": 0.5}, 2)
+    assert means == pytest.approx({**{k: v / 2 for k, v in expected.items()}, "loss": 0.5, "nll_loss": 0.25})
 
 
 def test_beta_is_an_alias_of_lam():

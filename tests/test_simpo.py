@@ -64,6 +64,32 @@ def test_identical_chosen_and_rejected_give_finite_losses():
     assert torch.allclose(losses, torch.full((2,), math.log(2)))
 
 
+def test_simpo_step_by_hand():
+    # the pair of test_simpo_loss_by_hand (chosen -1 -3, rejected -3 -3 -3) as one micro-batch's share of a global
+    # batch of 2 pairs and 4 chosen tokens: NLL = 4 / 4 = 1
+    policy = torch.tensor([[-1.0, -3, 0], [-3.0, -3, -3]])
+    # SimPO, beta 2, gamma 0.5, cpo_alpha 0.5: loss = 0.201413 / 2 + 0.5 * 1 = 0.600707; the logps are averages
+    args = simpo.parse_args(["--gamma", "0.5", "--cpo_alpha", "0.5"])
+    loss, metrics = simpo.simpo_step(policy, policy != 0, 2, 4, args)
+    assert close(loss, 0.600707) and metrics["loss"] is loss
+    assert {k: float(v) for k, v in metrics.items() if k != "loss"} == pytest.approx(
+        {"nll_loss": 1.0, "rewards/chosen": -4.0, "rewards/rejected": -6.0, "rewards/margins": 2.0,
+         "rewards/accuracies": 1.0, "logps/chosen": -2.0, "logps/rejected": -3.0}, abs=1e-6)
+    # CPO, beta 0.1, cpo_alpha 1: loss = 0.474077 / 2 + 1 = 1.237039; the logps are sums
+    loss, metrics = simpo.simpo_step(policy, policy != 0, 2, 4, simpo.parse_args(["--loss", "cpo"]))
+    assert close(loss, 1.237039)
+    assert {k: float(v) for k, v in metrics.items() if k != "loss"} == pytest.approx(
+        {"nll_loss": 1.0, "rewards/chosen": -0.4, "rewards/rejected": -0.9, "rewards/margins": 0.5,
+         "rewards/accuracies": 1.0, "logps/chosen": -4.0, "logps/rejected": -9.0}, abs=1e-6)
+
+
+def test_step_means_keep_loss_and_nll_as_they_are():
+    # loss and nll_loss are already global-batch means; the rest are sums over the 4 pairs
+    sums = {"loss": 0.3, "nll_loss": 0.2, "rewards/chosen": -8.0, "rewards/accuracies": 3.0}
+    assert simpo.step_means(sums, 4, prefix="eval/") == pytest.approx(
+        {"eval/loss": 0.3, "eval/nll_loss": 0.2, "eval/rewards/chosen": -2.0, "eval/rewards/accuracies": 0.75})
+
+
 def test_cpo_defaults_and_flag_checks():
     args = simpo.parse_args(["--loss", "cpo"])
     assert (args.beta, args.cpo_alpha) == (0.1, 1.0)
