@@ -118,26 +118,36 @@ def weight_warning(n_desirable, n_undesirable, desirable_weight, undesirable_wei
             f"({undesirable_weight}*{n_undesirable}) = {ratio:.3g}, outside the recommended [1, 4/3]; try {fix}")
 
 
-def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
-    """`eval/loss`, `eval/kl` (z0 on the held-out mismatched pairs) and `eval/rewards/margins` (mean reward of
-    the desirable minus the undesirable examples) on this rank's chunks. ref_logps: the reference's summed
-    log-probs of each chunk's matched and mismatched rows (collate_with_mismatched), computed once."""
-    with common.evaluating(model):
-        logps = [logprobs.sequence_logps(model, collate_with_mismatched(c, pad_id, device))[0] for c in chunks]
-    z0 = reference_point(torch.cat([p[len(c):] for p, c in zip(logps, chunks)]),
-                         torch.cat([r[len(c):] for r, c in zip(ref_logps, chunks)]))
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, n_D, n_U, reward sums of desirable and undesirable
-    for policy, ref, chunk in zip(logps, ref_logps, chunks):
-        labels = torch.tensor([e["label"] for e in chunk], device=device)
-        losses, rewards = kto_loss(policy[:len(chunk)], ref[:len(chunk)], labels, z0, args.beta,
-                                   args.desirable_weight, args.undesirable_weight)
-        sums += torch.stack([losses.sum(), labels.sum(), (~labels).sum(), rewards[labels].sum(),
-                             rewards[~labels].sum()]).double().cpu()
-    loss, n_d, n_u, reward_d, reward_u = common.all_sum(sums.tolist(), device)
-    metrics = {"eval/loss": loss / (n_d + n_u), "eval/kl": float(z0)}
-    if n_d and n_u:
-        metrics["eval/rewards/margins"] = reward_d / n_d - reward_u / n_u
-    return metrics
+def kto_step(policy_logps, ref_logps, labels, z0, n_examples, args):
+    """A micro-batch -> (its share of the global batch's loss, named sums over its examples).
+
+    policy_logps, ref_logps: (B,) summed completion log-probs of the matched rows; labels: (B,) bool, True
+    for desirable; z0: the reference point (reference_point); n_examples: the global batch's examples, which
+    the loss averages over. A name with `chosen` (`rejected`) in it sums over the desirable (undesirable)
+    examples only (see kto_means). Training and the held-out pass both call it."""
+    losses, rewards = kto_loss(policy_logps, ref_logps, labels, z0, args.beta, args.desirable_weight,
+                               args.undesirable_weight)
+    loss = losses.sum() / n_examples
+    logps = policy_logps.detach()
+    return loss, {"loss": loss, "n_desirable": labels.sum(), "n_undesirable": (~labels).sum(),
+                  "rewards/chosen": rewards[labels].sum(), "logps/chosen": logps[labels].sum(),
+                  "rewards/rejected": rewards[~labels].sum(), "logps/rejected": logps[~labels].sum()}
+
+
+def kto_means(sums, z0, prefix=""):
+    """kto_step's sums over the global batch -> the logged metrics: the loss (a batch mean already), z0 as kl,
+    each `chosen` (`rejected`) sum as a mean over the desirable (undesirable) examples, any other sum as a
+    mean over all of them, and rewards/margins. A class absent from the batch is left out, not logged as NaN."""
+    sums = dict(sums)
+    counts = {"chosen": sums.pop("n_desirable"), "rejected": sums.pop("n_undesirable")}
+    metrics = {"loss": sums.pop("loss"), "kl": z0}
+    for name, value in sums.items():
+        count = next((counts[group] for group in counts if group in name), sum(counts.values()))
+        if count:
+            metrics[name] = value / count
+    if all(counts.values()):
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return {prefix + name: value for name, value in metrics.items()}
 
 
 def parse_args(argv=None):
@@ -147,22 +157,38 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1, help="KTO beta: the scale of r inside the sigmoid")
     p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable losses")
     p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable losses")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 2:
+        raise common.UserError("--batch_size must be at least 2: z0 is estimated on mismatched pairs of each micro-batch")
+    for name in ("beta", "desirable_weight", "undesirable_weight"):
+        common.check_range(args, name, above=0)
+    return args
+
+
+def heldout_metrics(model, chunks, ref_logps, args, pad_id, device):
+    """kto_step's metrics over the held-out examples (this rank's chunks), as eval/..., with z0 (eval/kl) from
+    their mismatched pairs. ref_logps: the reference's summed log-probs of each chunk's matched and mismatched
+    rows (collate_with_mismatched), computed once."""
+    with common.evaluating(model):
+        logps = [logprobs.sequence_logps(model, collate_with_mismatched(c, pad_id, device))[0] for c in chunks]
+    z0 = reference_point(torch.cat([p[len(c):] for p, c in zip(logps, chunks)]),
+                         torch.cat([r[len(c):] for r, c in zip(ref_logps, chunks)]))
+    (n_examples,) = common.all_sum([sum(map(len, chunks))], device)
+    sums = common.Sums()
+    for policy, ref, chunk in zip(logps, ref_logps, chunks):
+        labels = torch.tensor([e["label"] for e in chunk], device=device)
+        sums.add(kto_step(policy[:len(chunk)], ref[:len(chunk)], labels, z0, n_examples, args)[1])
+    return kto_means(sums.total(device), float(z0), prefix="eval/")
 
 
 def main(argv=None):
     args = parse_args(argv)
     common.check_args(args)
     ensure_model(args.model)
-    if args.batch_size < 2:
-        raise common.UserError("--batch_size must be at least 2: z0 is estimated on mismatched pairs of each micro-batch")
-    for name in ("beta", "desirable_weight", "undesirable_weight"):
-        common.check_range(args, name, above=0)
     device = common.setup(args)
 
     tokenizer, model = models.load_policy(args, device)
-    reference = models.load_reference(args, device)
-
+    ref_model = models.load_reference(args, device)
     notes = []
 
     def load(path):
@@ -180,9 +206,9 @@ def main(argv=None):
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     if heldout:  # scored by the reference once, as the reference never changes
         with torch.no_grad():
-            heldout_ref = [logprobs.sequence_logps(reference, collate_with_mismatched(c, pad_id, device))[0]
+            heldout_ref = [logprobs.sequence_logps(ref_model, collate_with_mismatched(c, pad_id, device))[0]
                            for c in heldout]
-    n_global = args.batch_size * args.grad_accum * common.world()
+    n_examples = args.batch_size * args.grad_accum * common.world()  # the loss is a mean over the global batch
     state = checkpoint.TrainState(args, tokenizer, examples, model, optimizer, scheduler)
     start = state.resume()
 
@@ -199,42 +225,29 @@ def main(argv=None):
         batches = [collate_with_mismatched(mb, pad_id, device) for mb in micro]
         # z0 first, from every micro-batch's mismatched half; the reference scores both halves at once
         with torch.no_grad():
-            ref_logps = [logprobs.sequence_logps(reference, b)[0] for b in batches]
+            ref_logps = [logprobs.sequence_logps(ref_model, b)[0] for b in batches]
             policy_mismatched = [logprobs.sequence_logps(model, rows_slice(b, len(mb), None))[0]
                                  for b, mb in zip(batches, micro)]
         z0 = reference_point(torch.cat(policy_mismatched), torch.cat([r[len(mb):] for r, mb in zip(ref_logps, micro)]))
 
-        # loss, n_D, n_U, reward and logp sums of desirable, then of undesirable examples
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        sums = common.Sums()
         for batch, ref, mb in zip(batches, ref_logps, micro):
             matched = rows_slice(batch, 0, len(mb))
             labels = torch.tensor([e["label"] for e in mb], device=device)
-            logps = logprobs.sequence_logps(model, matched)[0]
-            losses, rewards = kto_loss(logps, ref[:len(mb)], labels, z0, args.beta,
-                                       args.desirable_weight, args.undesirable_weight)
-            (losses.sum() / n_global * common.world()).backward()  # FSDP averages gradients over ranks
+            loss, metrics = kto_step(logprobs.sequence_logps(model, matched)[0], ref[:len(mb)], labels, z0,
+                                     n_examples, args)
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            sums.add(metrics)
             logger.count(matched)
-            logps = logps.detach()
-            sums += torch.stack([losses.detach().sum(), labels.sum(), (~labels).sum(),
-                                 rewards[labels].sum(), logps[labels].sum(),
-                                 rewards[~labels].sum(), logps[~labels].sum()]).double()
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss, n_d, n_u, reward_d, logp_d, reward_u, logp_u = common.all_sum(sums.tolist(), device)
-            metrics = {"loss": loss / n_global, "kl": float(z0)}
-            if n_d:  # a class absent from the global batch is left out, not logged as NaN
-                metrics.update({"rewards/chosen": reward_d / n_d, "logps/chosen": logp_d / n_d})
-            if n_u:
-                metrics.update({"rewards/rejected": reward_u / n_u, "logps/rejected": logp_u / n_u})
-            if n_d and n_u:
-                metrics["rewards/margins"] = reward_d / n_d - reward_u / n_u
-            logger.log(step, {**metrics, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens/s": logger.tokens_per_second(device)})
+            logger.log(step, {**kto_means(sums.total(device), float(z0)), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=sums[0], grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

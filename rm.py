@@ -12,8 +12,8 @@ as `value_head.safetensors` beside it; `load_reward_model(path)` loads both, and
 --save_every checkpoints (output_dir/checkpoint-N), written in the same layout.
 
 Data: JSONL with `prompt`, `chosen`, `rejected`, or any pair shape (README, Bring your own data).
-Default: the toy pairs. Held-out accuracy on --eval_data (default: the toy eval pairs on toy data)
-is logged at the start and the end, and every --eval_every steps.
+Default: the toy pairs. The held-out metrics on --eval_data (default: the toy eval pairs on toy data),
+eval/accuracy and the others training logs, are logged at the start and the end, and every --eval_every steps.
 
     python sft.py && python rm.py                            # toy task: out/sft -> out/rm
     torchrun --nproc_per_node=8 rm.py --model my/sft --data pairs.jsonl --lr 1e-5 --output_dir out/rm
@@ -93,6 +93,17 @@ def save_reward_model(model, tokenizer, out_dir, dtype=None):
     checkpoint.save_model(model.backbone, tokenizer, out_dir, dtype, value_head=model.value_head)
 
 
+def rm_step(rewards, n_pairs, args):
+    """A micro-batch of pairs -> (its share of the global batch's loss, named sums over its pairs).
+
+    rewards: (2B,) last-token rewards, chosen rows then rejected; n_pairs: the global batch's pairs, which
+    the loss averages over. Training and the held-out pass both call it, so eval/loss is the training loss."""
+    chosen, rejected = rewards.chunk(2)
+    loss = reward_loss(chosen, rejected, args.margin, args.center_coef).sum() / n_pairs
+    return loss, {"loss": loss, "accuracy": (chosen > rejected).sum(), "rewards/chosen": chosen.sum(),
+                  "rewards/rejected": rejected.sum(), "rewards/margins": (chosen - rejected).sum()}
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "pairs.jsonl"), model=SFT_MODEL_DIR,
                            lr=3e-4, max_steps=600, output_dir="out/rm", real_lr="1e-5", eval_file="eval_pairs.jsonl")
@@ -105,18 +116,16 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate_pairs(model, chunks, pad_id, device):
-    """eval/accuracy and eval/margin on held-out pairs (this rank's chunks)."""
-    correct = margin = n = 0.0
+def heldout_metrics(model, chunks, args, pad_id, device):
+    """rm_step's metrics over the held-out pairs (this rank's chunks), as eval/..."""
+    (n_pairs,) = common.all_sum([sum(map(len, chunks))], device)
+    sums = common.Sums()
     with common.evaluating(model):
         for chunk in chunks:
-            rewards = last_token_rewards(model, batching.collate_pairs(chunk, pad_id, device))
-            chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
-            correct += float((chosen > rejected).sum())
-            margin += float((chosen - rejected).sum())
-            n += len(chunk)
-    correct, margin, n = common.all_sum([correct, margin, n], device)
-    return {"eval/accuracy": correct / n, "eval/margin": margin / n}
+            sums.add(rm_step(last_token_rewards(model, batching.collate_pairs(chunk, pad_id, device)), n_pairs,
+                             args)[1])
+    metrics = common.means(sums.total(device), n_pairs, prefix="eval/")
+    return {**metrics, "eval/margin": metrics["eval/rewards/margins"]}  # also under the name README's table gives
 
 
 def main(argv=None):
@@ -129,7 +138,6 @@ def main(argv=None):
 
     tokenizer = models.load_tokenizer(args.model, args.trust_remote_code)
     fields = ("chosen", "rejected")
-
     notes = []
 
     def load(path):
@@ -138,7 +146,7 @@ def main(argv=None):
         return formats.tokenize(rows, tokenizer, args.max_length, fields)
 
     examples = load(args.data)
-    held_out = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
+    heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
     backbone = models.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
                                  trained=True, padding_free=args.padding_free)
     if args.gradient_checkpointing:
@@ -152,34 +160,28 @@ def main(argv=None):
     start = state.resume()
 
     logger = common.Logger(args, start, notes)
-    if held_out and start == 0:
-        logger.log(0, evaluate_pairs(model, held_out, pad_id, device))
+    if heldout and start == 0:
+        logger.log(0, heldout_metrics(model, heldout, args, pad_id, device))
     model.train()
     for step in range(start + 1, args.max_steps + 1):
         micro = batching.micro_batches(examples, step - 1, args)
-        n_pairs = len(micro) * args.batch_size * common.world()
-        sums = torch.zeros(5, device=device)  # loss, correct, chosen, rejected, margin
+        n_pairs = len(micro) * args.batch_size * common.world()  # the loss is a mean over the global batch
+        sums = common.Sums()
         for mb in micro:
             batch = batching.collate_pairs(mb, pad_id, device)
-            rewards = last_token_rewards(model, batch)
-            chosen, rejected = rewards[:len(mb)], rewards[len(mb):]
-            losses = reward_loss(chosen, rejected, args.margin, args.center_coef)
-            (losses.sum() / n_pairs * common.world()).backward()  # FSDP averages gradients over ranks
-            sums += torch.stack([losses.sum(), (chosen > rejected).sum(), chosen.sum(), rejected.sum(),
-                                 (chosen - rejected).sum()]).detach()
+            loss, metrics = rm_step(last_token_rewards(model, batch), n_pairs, args)
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            sums.add(metrics)
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss, accuracy, chosen, rejected, margin = (s / n_pairs for s in common.all_sum(sums.tolist(), device))
-            logger.log(step, {"loss": loss, "accuracy": accuracy, "rewards/chosen": chosen,
-                              "rewards/rejected": rejected, "rewards/margins": margin,
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens/s": logger.tokens_per_second(device)})
-        if held_out and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, evaluate_pairs(model, held_out, pad_id, device))
+            logger.log(step, {**common.means(sums.total(device), n_pairs), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
+        if heldout and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
+            logger.log(step, heldout_metrics(model, heldout, args, pad_id, device))
         logger.update()
-        state.end_step(step, loss=sums[0], grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     save_reward_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

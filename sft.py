@@ -17,8 +17,6 @@ covers their assistant turns only). Default: the bundled toy task. All shapes: R
 import math
 import os
 
-import torch
-
 import batching
 import checkpoint
 import common
@@ -38,24 +36,44 @@ def sft_loss(token_logps, mask, n_tokens):
     return -(token_logps * mask).sum() / n_tokens
 
 
+def sft_step(token_logps, mask, n_tokens):
+    """A micro-batch -> (its share of the global batch's loss, named sums over its response tokens).
+
+    token_logps, mask: (B, T) per-token log-probs and the response tokens; n_tokens: the global batch's
+    response tokens, which the loss averages over. Training and the held-out pass both call it."""
+    loss = sft_loss(token_logps, mask, n_tokens)
+    return loss, {"loss": loss}
+
+
+def token_means(sums, n_tokens, prefix=""):
+    """sft_step's sums -> the logged metrics: means over the n_tokens response tokens, and the perplexity
+    exp(loss) (capped so that it stays finite)."""
+    metrics = common.means(sums, n_tokens, prefix)
+    return {**metrics, prefix + "perplexity": math.exp(min(metrics[prefix + "loss"], 50))}
+
+
+def response_tokens(batches, device):
+    """The response tokens of these batches, summed over ranks."""
+    (n_tokens,) = common.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)], device)
+    return n_tokens
+
+
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "sft.jsonl"), model=TINY_MODEL_DIR,
-                           output_dir="out/sft",
-                           real_lr="2e-5")
+                           output_dir="out/sft", real_lr="2e-5")
     return p.parse_args(argv)
 
 
-def heldout_loss(model, chunks, pad_id, device):
-    """`eval/loss`: sft_loss over every response token of the held-out examples (all ranks)."""
-    nll = n_tokens = 0.0
+def heldout_metrics(model, chunks, pad_id, device):
+    """sft_step's metrics over the held-out examples (this rank's chunks), as eval/...: a token mean over
+    every rank's response tokens."""
+    batches = [batching.collate_single(chunk, pad_id, device) for chunk in chunks]
+    n_tokens = response_tokens(batches, device)
+    sums = common.Sums()
     with common.evaluating(model):
-        for chunk in chunks:
-            batch = batching.collate_single(chunk, pad_id, device)
-            mask = batch["labels"] != -100
-            nll += float(sft_loss(logprobs.token_logps(model, batch), mask, 1))  # n_tokens 1: the summed NLL
-            n_tokens += int(mask.sum())
-    nll, n_tokens = common.all_sum([nll, n_tokens], device)
-    return {"eval/loss": nll / n_tokens}
+        for batch in batches:
+            sums.add(sft_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_tokens)[1])
+    return token_means(sums.total(device), n_tokens, prefix="eval/")
 
 
 def main(argv=None):
@@ -65,7 +83,6 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, model = models.load_policy(args, device)
-
     notes = []
 
     def load(path):
@@ -82,7 +99,7 @@ def main(argv=None):
 
     def evaluation():
         return {**(evaluate(model, tokenizer, args, device) if toy else {}),
-                **(heldout_loss(model, heldout, tokenizer.pad_token_id, device) if heldout else {})}
+                **(heldout_metrics(model, heldout, tokenizer.pad_token_id, device) if heldout else {})}
 
     logger = common.Logger(args, start, notes)
     if (toy or heldout) and start == 0:
@@ -91,24 +108,22 @@ def main(argv=None):
     for step in range(start + 1, args.max_steps + 1):
         batches = [batching.collate_single(mb, tokenizer.pad_token_id, device)
                    for mb in batching.micro_batches(examples, step - 1, args)]
-        # token mean over the global batch; FSDP averages gradients over ranks, hence * world
-        (n_tokens,) = common.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)], device)
-        total = torch.zeros((), device=device)
+        n_tokens = response_tokens(batches, device)  # the loss is a token mean over the global batch
+        sums = common.Sums()
         for batch in batches:
-            loss = sft_loss(logprobs.token_logps(model, batch), batch["labels"] != -100, n_tokens)
-            (loss * common.world()).backward()
-            total += loss.detach()
+            loss, metrics = sft_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_tokens)
+            (loss * common.world()).backward()  # FSDP averages gradients over ranks
+            sums.add(metrics)
             logger.count(batch)
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            (loss,) = common.all_sum([float(total)], device)
-            logger.log(step, {"loss": loss, "perplexity": math.exp(min(loss, 50)), "lr": scheduler.get_last_lr()[0],
+            logger.log(step, {**token_means(sums.total(device), n_tokens), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=total, grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
     logger.close()

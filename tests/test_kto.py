@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,6 +50,31 @@ def test_loss_sign_pushes_desirable_up_undesirable_down():
     losses, _ = kto.kto_loss(policy, REF, LABELS, 0.2)
     losses.sum().backward()
     assert policy.grad.tolist() == pytest.approx([-0.0249943766, 0.0249943766], abs=1e-9)
+
+
+def test_step_sums_and_logged_means():
+    """kto_step on the hand-computed pair above as a quarter of a global batch of 4, then kto_means."""
+    args = SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+    loss, sums = kto.kto_step(POLICY, REF, LABELS, torch.tensor(0.2, dtype=torch.float64), 4, args)
+    assert float(loss) == pytest.approx((0.4925005625 + 0.5074994375) / 4, abs=1e-9)  # 0.25
+    assert {k: float(v) for k, v in sums.items()} == pytest.approx(
+        {"loss": 0.25, "n_desirable": 1, "n_undesirable": 1, "rewards/chosen": 0.05, "rewards/rejected": 0.05,
+         "logps/chosen": -3.0, "logps/rejected": -3.0}, abs=1e-9)
+    # 3 desirable, 1 undesirable: a `chosen` sum over 3, a `rejected` one over 1, any other name over all 4
+    totals = {"loss": 0.5, "n_desirable": 3.0, "n_undesirable": 1.0, "rewards/chosen": 0.6, "rewards/rejected": -0.1,
+              "logps/chosen": -9.0, "logps/rejected": -2.0, "length": 20.0}
+    assert kto.kto_means(totals, 0.7, prefix="eval/") == pytest.approx(
+        {"eval/loss": 0.5, "eval/kl": 0.7, "eval/rewards/chosen": 0.2, "eval/rewards/rejected": -0.1,
+         "eval/logps/chosen": -3.0, "eval/logps/rejected": -2.0, "eval/length": 5.0,
+         "eval/rewards/margins": 0.3}, abs=1e-12)
+
+
+def test_a_class_absent_from_the_batch_is_left_out():
+    args = SimpleNamespace(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+    _, sums = kto.kto_step(POLICY, REF, torch.tensor([True, True]), 0.0, 2, args)
+    logged = kto.kto_means({k: float(v) for k, v in sums.items()}, 0.0)
+    assert sorted(logged) == ["kl", "logps/chosen", "loss", "rewards/chosen"]  # no NaN for the undesirable class
+    assert logged["rewards/chosen"] == pytest.approx(0.05, abs=1e-9)
 
 
 def test_reference_point_mean_and_clamp():

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +29,16 @@ def test_reward_loss_by_hand():
     assert logsig_terms == pytest.approx([0.474077, 2.578889], abs=1e-6)
     losses = rm.reward_loss(chosen, rejected, margin=0.5, center_coef=0.1)
     assert losses.mean().item() == pytest.approx(1.6514834, abs=1e-6)
+
+
+def test_step_is_the_pairs_share_of_the_global_batch():
+    """rm_step on rewards [1, 0 | 0, 2] (chosen | rejected), the pairs above, as half of a global batch of 4 pairs."""
+    loss, sums = rm.rm_step(torch.tensor([1.0, 0.0, 0.0, 2.0]), 4, SimpleNamespace(margin=0.0, center_coef=0.0))
+    assert float(loss) == pytest.approx((0.313262 + 2.126928) / 4, abs=1e-6)  # 0.6100475
+    assert {k: float(v) for k, v in sums.items()} == pytest.approx(
+        {"loss": 0.6100475, "accuracy": 1, "rewards/chosen": 1.0, "rewards/rejected": 2.0, "rewards/margins": -1.0},
+        abs=1e-6)
+    assert common.means({k: float(v) for k, v in sums.items()}, 4)["accuracy"] == 0.25
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import common
 import logprobs
 import sft
 from toy.task import DATA_DIR
@@ -33,6 +35,22 @@ def test_sft_loss_by_hand():
     # token mean over the 4 tokens: (2 ln 3 + 2 ln 6) / 4 = (2.1972246 + 3.5835189) / 4 = 1.4451859
     loss = sft.sft_loss(token_logps, labels != -100, n_tokens=4)
     assert abs(loss.item() - 1.4451859) < 1e-6
+
+
+def test_micro_batches_add_up_to_one_token_mean():
+    """Rows of 1 and 3 scored tokens as two micro-batches: their sft_step losses add up to the token mean over
+    all 4 tokens, (ln 3 + ln 5 + ln 3 + ln 6) / 4 = ln(270) / 4 = 1.3996055, not the mean of the rows' means
+    (ln 3 + (ln 5 + ln 3 + ln 6) / 3) / 2 = 1.2992744; the perplexity is exp(ln(270) / 4) = 270 ** 0.25."""
+    ln2 = math.log(2)
+    peaked, flat = [ln2, 0, 0, 0, 0], [0, 0, 0, 0, 0]
+    logits = torch.tensor([[peaked, peaked, flat], [flat, peaked, peaked]])
+    labels = torch.tensor([[0, -100, -100], [3, 0, 4]])
+    sums = common.Sums()
+    for row in range(2):
+        token_logps = logprobs.gather_logps(logits[row:row + 1], labels[row:row + 1])
+        sums.add(sft.sft_step(token_logps, labels[row:row + 1] != -100, n_tokens=4)[1])
+    logged = sft.token_means(sums.total(torch.device("cpu")), 4, prefix="eval/")
+    assert logged == pytest.approx({"eval/loss": 1.3996055, "eval/perplexity": 270 ** 0.25}, abs=1e-6)
 
 
 def copy_toy_data(tmp_path):
