@@ -124,8 +124,7 @@ def heldout_metrics(model, chunks, args, pad_id, device):
         for chunk in chunks:
             sums.add(rm_step(last_token_rewards(model, batching.collate_pairs(chunk, pad_id, device)), n_pairs,
                              args)[1])
-    metrics = common.means(sums.total(device), n_pairs, prefix="eval/")
-    return {**metrics, "eval/margin": metrics["eval/rewards/margins"]}  # also under the name README's table gives
+    return common.means(sums.total(device), n_pairs, prefix="eval/")
 
 
 def main(argv=None):

@@ -159,7 +159,7 @@ def reward_model(tiny_model, data, tmp_path_factory):
 
 def test_rm_eval_accuracy(reward_model):
     rows, _ = reward_model
-    assert_evaluated_every_step(rows, ["eval/accuracy", "eval/margin"])
+    assert_evaluated_every_step(rows, ["eval/accuracy", "eval/rewards/margins"])
     assert all(round(r["eval/accuracy"] * 6, 6) in range(7) for r in rows)  # a share of the 6 held-out pairs
 
 
