@@ -186,10 +186,10 @@ class Sums:
         return dict(zip(names, values.tolist()))
 
 
-def means(sums, count, prefix=""):
-    """Sums over examples -> their means (divided by count); `loss` is one already (each micro-batch's loss is
-    its share of the global batch's). Keys get `prefix` (eval/ for a held-out pass)."""
-    return {prefix + name: value if name == "loss" else value / count for name, value in sums.items()}
+def means(sums, count, prefix="", shares=("loss",)):
+    """Sums over examples -> their means (divided by count). The `shares` are means already: each micro-batch
+    adds its share of the global batch's (the loss, a token-mean NLL). Keys get `prefix` (eval/ when held out)."""
+    return {prefix + name: value if name in shares else value / count for name, value in sums.items()}
 
 
 def all_sum(values, device):

@@ -50,6 +50,9 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
     return -lam * F.logsigmoid(log_odds), log_odds.detach()
 
 
+SHARES = ("loss", "nll_loss")  # orpo_step's metrics that are global-batch means already, not sums
+
+
 def orpo_step(policy_logps, mask, n_pairs, n_chosen, args):
     """A micro-batch of pairs -> (its share of the global batch's loss, named sums over its pairs).
 
@@ -67,12 +70,6 @@ def orpo_step(policy_logps, mask, n_pairs, n_chosen, args):
                   "rewards/accuracies": (chosen > rejected).sum(),
                   "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum(),
                   "log_odds_ratio": F.logsigmoid(log_odds).sum(), "log_odds_chosen": log_odds.sum()}
-
-
-def step_means(sums, n_pairs, prefix=""):
-    """orpo_step's summed metrics -> the logged means: over the pairs, but loss and nll_loss are already the
-    global batch's."""
-    return {**common.means(sums, n_pairs, prefix), prefix + "nll_loss": sums["nll_loss"]}
 
 
 def parse_args(argv=None):
@@ -95,7 +92,7 @@ def heldout_metrics(model, chunks, args, pad_id, device):
             batch = batching.collate_pairs(chunk, pad_id, device)
             sums.add(orpo_step(logprobs.token_logps(model, batch), batch["labels"] != -100, n_pairs, n_chosen,
                                args)[1])
-    return step_means(sums.total(device), n_pairs, prefix="eval/")
+    return common.means(sums.total(device), n_pairs, "eval/", SHARES)
 
 
 def main(argv=None):
@@ -144,7 +141,7 @@ def main(argv=None):
         grad_norm = common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            logger.log(step, {**step_means(sums.total(device), n_pairs), "lr": scheduler.get_last_lr()[0],
+            logger.log(step, {**common.means(sums.total(device), n_pairs, shares=SHARES), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "tokens/s": logger.tokens_per_second(device)})
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import common
 import orpo
 from conftest import naive_completion_logps, read_metrics
 from toy.task import DATA_DIR as TOY_DATA_DIR
@@ -79,7 +80,7 @@ def test_orpo_step_by_hand():
                 "rewards/accuracies": 1.0, "logps/chosen": -0.5, "logps/rejected": -1.0,
                 "log_odds_ratio": -0.3202998, "log_odds_chosen": 0.974077}
     assert {k: float(v) for k, v in metrics.items() if k != "loss"} == pytest.approx(expected, abs=1e-6)
-    means = orpo.step_means({**{k: float(v) for k, v in metrics.items()}, "loss": 0.5}, 2)
+    means = common.means({**{k: float(v) for k, v in metrics.items()}, "loss": 0.5}, 2, shares=orpo.SHARES)
     assert means == pytest.approx({**{k: v / 2 for k, v in expected.items()}, "loss": 0.5, "nll_loss": 0.25})
 
 

@@ -83,10 +83,10 @@ def test_simpo_step_by_hand():
          "rewards/accuracies": 1.0, "logps/chosen": -4.0, "logps/rejected": -9.0}, abs=1e-6)
 
 
-def test_step_means_keep_loss_and_nll_as_they_are():
+def test_means_keep_loss_and_nll_as_they_are():
     # loss and nll_loss are already global-batch means; the rest are sums over the 4 pairs
     sums = {"loss": 0.3, "nll_loss": 0.2, "rewards/chosen": -8.0, "rewards/accuracies": 3.0}
-    assert simpo.step_means(sums, 4, prefix="eval/") == pytest.approx(
+    assert common.means(sums, 4, "eval/", simpo.SHARES) == pytest.approx(
         {"eval/loss": 0.3, "eval/nll_loss": 0.2, "eval/rewards/chosen": -2.0, "eval/rewards/accuracies": 0.75})
 
 
