@@ -100,10 +100,15 @@ def ld_dpo_step(policy_logps, ref_logps, mask, n_pairs, n_chosen, args):
     loss = losses.sum() / n_pairs
     if args.rpo_alpha:  # RPO: minus the chosen responses' log-likelihood, a token mean
         loss = loss - args.rpo_alpha * policy_logps.chunk(2)[0].sum() / n_chosen
-    return loss, {"loss": loss, "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
-                  "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-                  "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
-                  "logps/chosen": chosen.sum(), "logps/rejected": rejected.sum()}
+    return loss, {
+        "loss": loss,
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+        "logps/chosen": chosen.sum(),
+        "logps/rejected": rejected.sum(),
+    }
 
 
 def parse_args(argv=None):
