@@ -200,6 +200,16 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def global_mean_std(values, device, mask=None):
+    """Mean and standard deviation (Bessel's correction) of `values` over every rank, where `mask` is 1
+    (default: all of them), in one collective."""
+    mask = torch.ones_like(values) if mask is None else mask
+    n, total, squares = all_sum(
+        [float(mask.sum()), float((values * mask).sum()), float((values * values * mask).sum())], device)
+    mean = total / n
+    return mean, max((squares / n - mean ** 2) * n / max(n - 1, 1), 0.0) ** 0.5
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -232,6 +242,21 @@ def completions_from(responses, eos_id):
     """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
     rows = responses.tolist()
     return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def generate_completions(policy, prompts, tokenizer, device, batch_size):
+    """Sample one response per prompt (examples with `prompt` ids) as set_sampling set generate(), batch_size
+    prompts at a time, in eval mode: lists of ids, each cut after its first EOS."""
+    import batching  # imports common
+
+    completions = []
+    with evaluating(policy):
+        for i in range(0, len(prompts), batch_size):
+            query = batching.collate_prompts(prompts[i:i + batch_size], tokenizer.pad_token_id, device)
+            out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
+                                  synced_gpus=world() > 1, use_cache=True)  # synced: ranks stop at different lengths
+            completions += completions_from(out[:, query["input_ids"].shape[1]:], tokenizer.eos_token_id)
+    return completions
 
 
 @contextlib.contextmanager

@@ -31,10 +31,10 @@ models set e.g. --lr 1e-6. The reward on the toy data is the gold score (toy/rew
     torchrun --nproc_per_node=8 grpo.py --model my/sft --data math.jsonl --reward_fn verify.py:accuracy --lr 1e-6
     python grpo.py --loss_type dr_grpo --scale_rewards none  # Dr. GRPO;  --epsilon_high 0.28: DAPO's clip-higher
 """
-import argparse
 import importlib.util
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -63,14 +63,12 @@ def group_advantages(rewards, num_generations, scale_rewards):
     if scale_rewards == "group":
         advantages = advantages / (group_std.repeat_interleave(num_generations) + 1e-4)
     elif scale_rewards == "batch":
-        n, total, squares = common.all_sum([len(rewards), float(rewards.sum()), float((rewards ** 2).sum())],
-                                           rewards.device)
-        batch_std = (max(squares - total ** 2 / n, 0.0) / (n - 1)) ** 0.5
+        _, batch_std = common.global_mean_std(rewards, rewards.device)
         advantages = advantages / (batch_std + 1e-4)
     return advantages, group_std
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type, epsilon_low, epsilon_high, beta,
               n_sequences, n_tokens, max_new_tokens):
     """This micro-batch's part of the loss of the global batch:
         ratio_t = exp(logp_t - old_logp_t)
@@ -99,6 +97,20 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_
         loss = per_token.sum() / n_tokens
     low, high = (ratio < 1 - epsilon_low) & (a < 0), (ratio > 1 + epsilon_high) & (a > 0)
     return loss, kl.detach(), low.float(), high.float()
+
+
+def grpo_step(logps, entropy, old_logps, ref_logps, advantages, mask, n_sequences, n_tokens, args):
+    """A micro-batch of responses -> (its share of the global batch's loss, its shares of the global batch's
+    token means, named). logps, entropy: the policy's (B, C); old_logps, ref_logps (None when --beta is 0),
+    advantages (B,): the rollout's; n_sequences, n_tokens: the global batch's responses and response tokens."""
+    loss, kl, low, high = grpo_loss(
+        logps, old_logps, ref_logps, advantages, mask, loss_type=args.loss_type, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high, beta=args.beta, n_sequences=n_sequences, n_tokens=n_tokens,
+        max_new_tokens=args.max_new_tokens)
+    return loss, {"loss": loss, **({"kl": (kl * mask).sum() / n_tokens} if args.beta > 0 else {}),
+                  "clip_ratio/low_mean": (low * mask).sum() / n_tokens,
+                  "clip_ratio/high_mean": (high * mask).sum() / n_tokens,
+                  "entropy": (entropy * mask).sum() / n_tokens}
 
 
 def load_reward_fn(spec):
@@ -134,27 +146,24 @@ def call_reward_fn(name, fn, prompts, completions, columns):
     return [float(r) for r in out]
 
 
-def generate(policy, prompts, tokenizer, args, device):
-    """Sample a response per prompt, cut after its first EOS, in chunks of --local_rollout_forward_batch_size."""
-    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
-    completions = []
-    for i in range(0, len(prompts), size):
-        query = batching.collate_prompts(prompts[i:i + size], pad_id, device)
-        out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
-                              synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-        completions += common.completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
-    return completions
+class Rollout(NamedTuple):
+    """Sampled responses and their no-grad scores: the scoring batch (batching.collate layout, the G responses
+    of a prompt in consecutive rows), has_eos (N,), the rewards of each source (N, sources), and the policy's
+    old_logps (with --num_iterations > 1) and the reference's ref_logps (with --beta > 0), (N, C) or None."""
+    batch: dict
+    has_eos: torch.Tensor
+    rewards: torch.Tensor
+    old_logps: torch.Tensor | None
+    ref_logps: torch.Tensor | None
 
 
 @torch.no_grad()
-def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, device):
-    """Sample G responses per prompt, then score them. Returns the scoring batch (batching.collate layout,
-    the G responses of a prompt in consecutive rows), has_eos (N,), rewards (N, sources) and, when
-    needed, old_logps and ref_logps (N, C)."""
+def rollout(policy, ref_model, reward_model, reward_fns, prompts, tokenizer, args, device):
+    """Sample G responses per prompt, then score them: a Rollout. The policy scores in eval mode, as it
+    sampled; its mode is restored after."""
     pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
     expanded = [p for p in prompts for _ in range(args.num_generations)]
-    policy.eval()
-    completions = generate(policy, expanded, tokenizer, args, device)
+    completions = common.generate_completions(policy, expanded, tokenizer, device, size)
     batch = batching.collate([p["prompt"] for p in expanded], completions, pad_id, device)
     has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
@@ -163,54 +172,33 @@ def rollout(policy, ref, reward_model, reward_fns, prompts, tokenizer, args, dev
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
     rewards = [call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, columns) for name, fn in reward_fns]
     parts = {"old_logps": [], "ref_logps": [], "scores": []}
-    for i in range(0, len(expanded), size):
-        chunk = {k: v[i:i + size] for k, v in batch.items()}
-        if args.num_iterations > 1:
-            parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
-        if args.beta > 0:
-            parts["ref_logps"].append(logprobs.token_logps(ref, chunk, args.temperature))
-        if reward_model is not None:
-            parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
-    policy.train()
+    with common.evaluating(policy):
+        for i in range(0, len(expanded), size):
+            chunk = {k: v[i:i + size] for k, v in batch.items()}
+            if args.num_iterations > 1:
+                parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
+            if args.beta > 0:
+                parts["ref_logps"].append(logprobs.token_logps(ref_model, chunk, args.temperature))
+            if reward_model is not None:
+                parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
     rewards = torch.tensor(rewards, device=device).reshape(len(reward_fns), len(expanded)).T
+    scores = parts.pop("scores")
     if reward_model is not None:
-        rewards = torch.cat([rewards, torch.cat(parts.pop("scores"))[:, None].float()], 1)
-    return batch, has_eos, rewards, {k: torch.cat(v) for k, v in parts.items() if v}
+        rewards = torch.cat([rewards, torch.cat(scores)[:, None].float()], 1)
+    return Rollout(batch, has_eos, rewards, **{k: torch.cat(v) if v else None for k, v in parts.items()})
 
 
-def heldout_rewards(policy, ref, reward_model, reward_fns, weights, chunks, tokenizer, args, device):
+def heldout_metrics(policy, ref_model, reward_model, reward_fns, weights, chunks, tokenizer, args, device):
     """`eval/reward`: the mean weighted reward of G responses per held-out prompt, sampled as in rollout
     (seeded: the same draws at every evaluation, training RNG untouched)."""
-    total = n = 0.0
+    sums = common.Sums()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            rewards = rollout(policy, ref, reward_model, reward_fns, chunk, tokenizer, args, device)[2] @ weights
-            total, n = total + float(rewards.sum()), n + len(rewards)
-    total, n = common.all_sum([total, n], device)
-    return {"eval/reward": total / n}
-
-
-def grpo_update(policy, optimizer, scheduler, batch, old, advantages, args, device, logger):
-    """--num_iterations optimizer steps, each over every micro-batch of the rollout (--batch_size * G rows).
-    Returns the means over the steps of the loss, grad norm, KL, low and high clip ratios and entropy."""
-    mask = (batch["labels"] != -100).float()
-    n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)
-    sums, grad_norm = torch.zeros(5, device=device), 0.0
-    for _ in range(args.num_iterations):
-        for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
-            mb, m = {k: v[rows] for k, v in batch.items()}, mask[rows]
-            logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
-            old_logps = old["old_logps"][rows] if args.num_iterations > 1 else logps.detach()
-            loss, kl, low, high = grpo_loss(
-                logps, old_logps, old["ref_logps"][rows] if args.beta > 0 else None, advantages[rows], m,
-                args.loss_type, args.epsilon, args.epsilon_high, args.beta, n_sequences, n_tokens, args.max_new_tokens)
-            (loss * common.world()).backward()  # FSDP averages gradients over ranks
-            sums += torch.stack([loss.detach()] + [(x * m).sum() / n_tokens for x in (kl, low, high, entropy)])
-            logger.count(mb)
-        grad_norm += float(common.clip_and_step(policy, optimizer, scheduler, args.max_grad_norm))
-    loss, kl, low, high, entropy = (s / args.num_iterations for s in common.all_sum(sums.tolist(), device))
-    return loss, grad_norm / args.num_iterations, kl, low, high, entropy
+            sums.add({"reward": (rollout(policy, ref_model, reward_model, reward_fns, chunk, tokenizer, args,
+                                         device).rewards @ weights).sum()})
+    (n,) = common.all_sum([sum(map(len, chunks)) * args.num_generations], device)
+    return common.means(sums.total(device), n, prefix="eval/")
 
 
 def parse_args(argv=None):
@@ -265,9 +253,9 @@ def main(argv=None):
 
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
-    ref = reward_model = None
+    ref_model = reward_model = None
     if args.beta > 0:
-        ref = models.load_reference(args, device)
+        ref_model = models.load_reference(args, device)
     if args.reward_model is not None:
         reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                           args.allow_pickle, padding_free=args.padding_free))
@@ -278,8 +266,7 @@ def main(argv=None):
     weights = torch.tensor(args.reward_weights or [1.0] * len(names), device=device)
     generation_config = common.set_sampling(policy, args, tokenizer)
     # the schedule runs over every optimizer step: num_iterations per rollout
-    schedule = argparse.Namespace(**{**vars(args), "max_steps": args.max_steps * args.num_iterations})
-    optimizer, scheduler = common.make_optimizer(policy, schedule)
+    optimizer, scheduler = common.make_optimizer(policy, args, total_steps=args.max_steps * args.num_iterations)
 
     notes = []
 
@@ -299,36 +286,49 @@ def main(argv=None):
     start = state.resume()
 
     def evaluation():
-        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_rewards(
-            policy, ref, reward_model, reward_fns, weights, heldout, tokenizer, args, device) if heldout else {})}
+        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_metrics(
+            policy, ref_model, reward_model, reward_fns, weights, heldout, tokenizer, args, device) if heldout else {})}
 
     logger = common.Logger(args, start, notes, headline=("loss", "reward"))
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the step clock
+    policy.train()  # the updates' mode, which rollouts and evaluations restore
     for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args) for p in mb]
-        batch, has_eos, per_source, old = rollout(policy, ref, reward_model, reward_fns, batch_prompts, tokenizer,
-                                                  args, device)
-        rewards = per_source @ weights
+        sampled = rollout(policy, ref_model, reward_model, reward_fns, batch_prompts, tokenizer, args, device)
+        batch = sampled.batch
+        rewards = sampled.rewards @ weights
         advantages, group_std = group_advantages(rewards, args.num_generations, args.scale_rewards)
-        loss, grad_norm, kl, low, high, entropy = grpo_update(
-            policy, optimizer, scheduler, batch, old, advantages, args, device, logger)
+        mask = (batch["labels"] != -100).float()
+        n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)
+        sums, grad_norm = common.Sums(), 0.0
+        for _ in range(args.num_iterations):
+            for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
+                mb = {k: v[rows] for k, v in batch.items()}
+                logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
+                old_logps = sampled.old_logps[rows] if args.num_iterations > 1 else logps.detach()
+                ref_logps = sampled.ref_logps[rows] if args.beta > 0 else None
+                loss, metrics = grpo_step(logps, entropy, old_logps, ref_logps, advantages[rows], mask[rows],
+                                          n_sequences, n_tokens, args)
+                (loss * common.world()).backward()  # FSDP averages gradients over ranks
+                sums.add(metrics)
+                logger.count(mb)
+            grad_norm += float(common.clip_and_step(policy, optimizer, scheduler, args.max_grad_norm))
+        grad_norm /= args.num_iterations
 
         if step % args.log_every == 0 or step == args.max_steps:
-            mask = batch["labels"] != -100
-            n, total, squares, zero_std, length, clipped, *by_source = common.all_sum(
-                [len(rewards), float(rewards.sum()), float((rewards ** 2).sum()), float((group_std == 0).sum()),
-                 float(mask.sum()), float((~has_eos).sum())] + per_source.sum(0).tolist(), device)
+            reward, reward_std = common.global_mean_std(rewards, device)
+            responses = common.Sums()
+            responses.add({**dict(zip((f"rewards/{name}" for name in names), sampled.rewards.sum(0))),
+                           "frac_reward_zero_std": (group_std == 0).sum() * args.num_generations,
+                           "completions/mean_length": mask.sum(),
+                           "completions/clipped_ratio": (~sampled.has_eos).sum()})
             logger.log(step, {
-                "reward": total / n, "reward_std": max(squares - total ** 2 / n, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5,
-                **{f"rewards/{name}": s / n for name, s in zip(names, by_source)},
-                "frac_reward_zero_std": zero_std * args.num_generations / n,
-                "completions/mean_length": length / n, "completions/clipped_ratio": clipped / n,
-                **({"kl": kl} if args.beta > 0 else {}),
-                "clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "entropy": entropy,
-                "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "tokens/s": logger.tokens_per_second(device),
+                "reward": reward, "reward_std": reward_std, **common.means(responses.total(device), n_sequences),
+                # the update's means over its num_iterations optimizer steps
+                **{name: value / args.num_iterations for name, value in sums.total(device).items()},
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens/s": logger.tokens_per_second(device),
             })
         if sample_every and step % sample_every == 0 and common.rank() == 0:
             response = batch["labels"][0][batch["labels"][0] != -100]
@@ -337,7 +337,7 @@ def main(argv=None):
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss=loss, grad_norm=grad_norm)
+        state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
     checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))

@@ -25,6 +25,7 @@ Sizes per device: a micro-batch is --batch_size rows, a minibatch (one optimizer
 """
 import argparse
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -87,10 +88,7 @@ def kl_rewards(old_logps, ref_logps, scores, mask, kl_coef):
 
 def whiten(x, mask, device, shift_mean=True):
     """(x - mean) / std over the response tokens of every rank; shift_mean=False adds the mean back."""
-    n, total, squares = common.all_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())],
-                                       device)
-    mean = total / n
-    std = max((squares / n - mean ** 2) * n / max(n - 1, 1), 0.0) ** 0.5
+    mean, std = common.global_mean_std(x, device, mask)
     return ((x - mean) / (std + 1e-8) + (0.0 if shift_mean else mean)) * mask
 
 
@@ -100,69 +98,62 @@ def token_values(value_model, batch):
     return values[:, -batch["labels"].shape[1] - 1:-1]
 
 
+class Rollout(NamedTuple):
+    """Sampled responses and their no-grad scores: the scoring batch (batching.collate layout), has_eos (B,),
+    the policy's old_logps, the reference's ref_logps and the value model's old_values (B, C), and the reward
+    model's scores (B,)."""
+    batch: dict
+    has_eos: torch.Tensor
+    old_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    old_values: torch.Tensor
+    scores: torch.Tensor
+
+
 @torch.no_grad()
-def rollout(policy, ref, reward_model, value_model, prompts, tokenizer, args, device):
-    """Sample one response per prompt, then score it, in chunks of --local_rollout_forward_batch_size.
-    Returns the scoring batch (batching.collate layout), has_eos (B,) and old_logps, ref_logps,
-    old_values (B, C) and scores (B,)."""
-    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
-    policy.eval()
-    completions = []
-    for i in range(0, len(prompts), size):
-        query = batching.collate_prompts(prompts[i:i + size], pad_id, device)
-        out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
-                              synced_gpus=common.world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-        completions += common.completions_from(out[:, query["input_ids"].shape[1]:], eos_id)
-    batch = batching.collate([p["prompt"] for p in prompts], completions, pad_id, device)
-    has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
+def rollout(policy, ref_model, reward_model, value_model, prompts, tokenizer, args, device):
+    """Sample one response per prompt, then score it, in chunks of --local_rollout_forward_batch_size: a Rollout.
+    The policy scores in eval mode, as it sampled; its mode is restored after."""
+    size = args.local_rollout_forward_batch_size
+    completions = common.generate_completions(policy, prompts, tokenizer, device, size)
+    batch = batching.collate([p["prompt"] for p in prompts], completions, tokenizer.pad_token_id, device)
+    has_eos = torch.tensor([c[-1] == tokenizer.eos_token_id for c in completions], device=device)
     parts = {"old_logps": [], "ref_logps": [], "old_values": [], "scores": []}
-    for i in range(0, len(prompts), size):
-        chunk = {k: v[i:i + size] for k, v in batch.items()}
-        parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
-        parts["ref_logps"].append(logprobs.token_logps(ref, chunk, args.temperature))
-        parts["old_values"].append(token_values(value_model, chunk))
-        parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
-    policy.train()
-    return batch, has_eos, {k: torch.cat(v) for k, v in parts.items()}
+    with common.evaluating(policy):
+        for i in range(0, len(prompts), size):
+            chunk = {k: v[i:i + size] for k, v in batch.items()}
+            parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
+            parts["ref_logps"].append(logprobs.token_logps(ref_model, chunk, args.temperature))
+            parts["old_values"].append(token_values(value_model, chunk))
+            parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
+    return Rollout(batch, has_eos, **{k: torch.cat(v) for k, v in parts.items()})
 
 
-def heldout_scores(policy, ref, reward_model, value_model, chunks, tokenizer, args, device):
+def ppo_step(logps, entropy, values, mask, targets, n_tokens, args):
+    """A micro-batch of the rollout -> (its share of the minibatch's loss, its shares of the minibatch's token
+    means, named). logps, entropy: the policy's (B, C); values: the value model's (B, C); mask: the response
+    tokens; targets: these rows' old_logps, old_values, advantages and returns; n_tokens: the minibatch's
+    response tokens over all its micro-batches and ranks."""
+    pg, pg_clipfrac = policy_loss(logps, targets["old_logps"], targets["advantages"], mask, args.cliprange)
+    vf, vf_clipfrac = value_loss(values, targets["old_values"], targets["returns"], mask, args.cliprange_value)
+    weight = mask.sum() / n_tokens
+    return (pg + args.vf_coef * vf) * weight, {
+        "loss/policy_avg": weight * pg, "loss/value_avg": weight * vf,
+        "policy/clipfrac": weight * pg_clipfrac, "val/clipfrac": weight * vf_clipfrac,
+        "policy/entropy_avg": weight * masked_mean(entropy, mask)}
+
+
+def heldout_metrics(policy, ref_model, reward_model, value_model, chunks, tokenizer, args, device):
     """`eval/scores`: the reward model's mean score of responses sampled, as in rollout (seeded: the same draws
     at every evaluation, training RNG untouched), for this rank's held-out prompts."""
-    total = n = 0.0
+    sums = common.Sums()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            scores = rollout(policy, ref, reward_model, value_model, chunk, tokenizer, args, device)[2]["scores"]
-            total, n = total + float(scores.sum()), n + len(chunk)
-    total, n = common.all_sum([total, n], device)
-    return {"eval/scores": total / n}
-
-
-def ppo_update(policy, value_model, optimizers, batch, old, advantages, returns, args, device, logger):
-    """--ppo_epochs passes of clipped policy and value updates over shuffled minibatches.
-    Returns the means over minibatches of pg, vf, pg clipfrac, vf clipfrac and entropy."""
-    mask = (batch["labels"] != -100).float()
-    sums, n_minibatches = torch.zeros(5, device=device), 0
-    for _ in range(args.ppo_epochs):
-        order = torch.randperm(len(mask), device=device)
-        for rows in order.split(args.batch_size * args.grad_accum):
-            # a token mean over the whole minibatch: its micro-batches and ranks (FSDP averages, hence * world)
-            (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)
-            for micro in rows.split(args.batch_size):
-                mb, m = {k: v[micro] for k, v in batch.items()}, mask[micro]
-                logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
-                pg, pg_clipfrac = policy_loss(logps, old["old_logps"][micro], advantages[micro], m, args.cliprange)
-                vf, vf_clipfrac = value_loss(token_values(value_model, mb), old["old_values"][micro], returns[micro],
-                                             m, args.cliprange_value)
-                weight = m.sum() / n_tokens
-                ((pg + args.vf_coef * vf) * weight * common.world()).backward()
-                sums += weight * torch.stack([pg, vf, pg_clipfrac, vf_clipfrac, masked_mean(entropy, m)]).detach()
-                logger.count(mb)
-            for model, (optimizer, scheduler) in zip((policy, value_model), optimizers):
-                common.clip_and_step(model, optimizer, scheduler, args.max_grad_norm)
-            n_minibatches += 1
-    return [s / n_minibatches for s in common.all_sum(sums.tolist(), device)]
+            sums.add({"scores": rollout(policy, ref_model, reward_model, value_model, chunk, tokenizer, args,
+                                        device).scores.sum()})
+    (n,) = common.all_sum([sum(map(len, chunks))], device)
+    return common.means(sums.total(device), n, prefix="eval/")
 
 
 def parse_args(argv=None):
@@ -216,7 +207,7 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, policy = models.load_policy(args, device)
-    ref = models.load_reference(args, device)
+    ref_model = models.load_reference(args, device)
     reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                       args.allow_pickle, trained, args.padding_free)
                                  for trained in (False, True))
@@ -227,10 +218,10 @@ def main(argv=None):
     if args.gradient_checkpointing:
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generation_config = common.set_sampling(policy, args, tokenizer)
-    # the schedule runs over every optimizer step: ppo_epochs * num_mini_batches per rollout
+    # the schedules run over every optimizer step: ppo_epochs * num_mini_batches per rollout
     n_updates = args.max_steps * args.ppo_epochs * args.num_mini_batches
-    schedule = argparse.Namespace(**{**vars(args), "max_steps": n_updates})
-    optimizers = [common.make_optimizer(m, schedule) for m in (policy, value_model)]
+    policy_optimizer, policy_scheduler = common.make_optimizer(policy, args, total_steps=n_updates)
+    value_optimizer, value_scheduler = common.make_optimizer(value_model, args, total_steps=n_updates)
     value_model.train()
 
     notes = []
@@ -242,55 +233,73 @@ def main(argv=None):
 
     prompts = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
+    # a rollout is num_mini_batches minibatches: batching.micro_batches and TrainState read its size from args
     per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
 
     torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
-    state = checkpoint.TrainState(per_rollout, tokenizer, prompts, policy, *optimizers[0], value=value_model,
-                                  value_optimizer=optimizers[1][0], value_scheduler=optimizers[1][1])
+    state = checkpoint.TrainState(per_rollout, tokenizer, prompts, policy, policy_optimizer, policy_scheduler,
+                                  value=value_model, value_optimizer=value_optimizer, value_scheduler=value_scheduler)
     start = state.resume()
 
     def evaluation():
-        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_scores(
-            policy, ref, reward_model, value_model, heldout, tokenizer, args, device) if heldout else {})}
+        return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_metrics(
+            policy, ref_model, reward_model, value_model, heldout, tokenizer, args, device) if heldout else {})}
 
     logger = common.Logger(args, start, notes, headline=("objective/scores",))
     if (toy or heldout) and start == 0:
         logger.log(0, evaluation())
     logger.tokens_per_second(device)  # start the rollout clock
+    n_minibatches = args.ppo_epochs * args.num_mini_batches
+    policy.train()  # the updates' mode, which rollouts and evaluations restore
     for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, per_rollout) for p in mb]
-        batch, has_eos, old = rollout(policy, ref, reward_model, value_model, batch_prompts, tokenizer, args, device)
+        sampled = rollout(policy, ref_model, reward_model, value_model, batch_prompts, tokenizer, args, device)
+        batch = sampled.batch
         logger.count(batch)
         rollout_speed = logger.tokens_per_second(device)
 
         mask = (batch["labels"] != -100).float()
-        scores = old["scores"]
+        scores = sampled.scores
         if args.score_clip is not None:
             scores = scores.clamp(-args.score_clip, args.score_clip)
         if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~has_eos).float()
-        rewards = kl_rewards(old["old_logps"], old["ref_logps"], scores, mask, args.kl_coef)
+            scores = scores - args.missing_eos_penalty * (~sampled.has_eos).float()
+        rewards = kl_rewards(sampled.old_logps, sampled.ref_logps, scores, mask, args.kl_coef)
         if args.whiten_rewards:
             rewards = whiten(rewards, mask, device, shift_mean=False)
-        advantages, returns = gae(rewards, old["old_values"], mask, args.gamma, args.lam)
-        advantages = whiten(advantages, mask, device)
-        pg, vf, pg_clipfrac, vf_clipfrac, entropy = ppo_update(
-            policy, value_model, optimizers, batch, old, advantages, returns, args, device, logger)
+        advantages, returns = gae(rewards, sampled.old_values, mask, args.gamma, args.lam)
+        targets = {"old_logps": sampled.old_logps, "old_values": sampled.old_values,
+                   "advantages": whiten(advantages, mask, device), "returns": returns}
+        sums = common.Sums()
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(len(mask), device=device)
+            for rows in order.split(args.batch_size * args.grad_accum):  # a minibatch: one step of each model
+                (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)  # over its micro-batches and ranks
+                for micro in rows.split(args.batch_size):
+                    mb = {k: v[micro] for k, v in batch.items()}
+                    logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
+                    loss, metrics = ppo_step(logps, entropy, token_values(value_model, mb), mask[micro],
+                                             {k: v[micro] for k, v in targets.items()}, n_tokens, args)
+                    (loss * common.world()).backward()  # FSDP averages gradients over ranks
+                    sums.add(metrics)
+                    logger.count(mb)
+                common.clip_and_step(policy, policy_optimizer, policy_scheduler, args.max_grad_norm)
+                common.clip_and_step(value_model, value_optimizer, value_scheduler, args.max_grad_norm)
         update_speed = logger.tokens_per_second(device)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            kl_per_row = ((old["old_logps"] - old["ref_logps"]) * mask).sum(-1)
-            n, kl, score, length, eos = common.all_sum([len(kl_per_row), float(kl_per_row.sum()), float(scores.sum()),
-                                                        float(mask.sum()), float(has_eos.sum())], device)
+            responses = common.Sums()
+            responses.add({"objective/kl": ((sampled.old_logps - sampled.ref_logps) * mask).sum(-1).sum(),
+                           "objective/scores": scores.sum(), "response/mean_length": mask.sum(),
+                           "response/eos_fraction": sampled.has_eos.sum()})
+            objective = common.means(responses.total(device), len(mask) * common.world())
             logger.log(step, {
-                "objective/kl": kl / n, "objective/scores": score / n,
-                "objective/rlhf_reward": (score - args.kl_coef * kl) / n,
-                "policy/clipfrac": pg_clipfrac, "val/clipfrac": vf_clipfrac,
-                "loss/policy_avg": pg, "loss/value_avg": vf, "policy/entropy_avg": entropy,
-                "response/mean_length": length / n, "response/eos_fraction": eos / n,
-                "lr": optimizers[0][1].get_last_lr()[0],
+                **objective,
+                "objective/rlhf_reward": objective["objective/scores"] - args.kl_coef * objective["objective/kl"],
+                **common.means(sums.total(device), n_minibatches),  # each minibatch's token means, averaged
+                "lr": policy_scheduler.get_last_lr()[0],
                 "tokens/s/rollout": rollout_speed, "tokens/s/update": update_speed,
             })
         if sample_every and step % sample_every == 0 and common.rank() == 0:
@@ -300,7 +309,7 @@ def main(argv=None):
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
             logger.log(step, evaluation())
         logger.update()
-        state.end_step(step, loss_policy=pg, loss_value=vf)
+        state.end_step(step, loss_policy=sums.values["loss/policy_avg"], loss_value=sums.values["loss/value_avg"])
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
     checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))

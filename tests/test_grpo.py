@@ -49,8 +49,9 @@ def test_group_advantages_none_and_batch():
 def loss_of(logps, advantages, mask, loss_type, n_sequences=None, n_tokens=None, old_logps=None, ref_logps=None,
             beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5):
     old_logps = logps.detach() if old_logps is None else old_logps
-    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
-                          n_sequences or len(mask), n_tokens or float(mask.sum()), max_new_tokens)
+    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type, epsilon_low=epsilon_low,
+                          epsilon_high=epsilon_high, beta=beta, n_sequences=n_sequences or len(mask),
+                          n_tokens=n_tokens or float(mask.sum()), max_new_tokens=max_new_tokens)
 
 
 # two sequences, 2 and 4 tokens, A = 1 and -0.25; ratio 1, so L_t = -A: [-1, -1] and [0.25] * 4.
@@ -144,38 +145,40 @@ def test_a_failing_reward_function_is_named_in_one_line(tmp_path, body, message)
 # ---------------------------------------------------------------- the same run over micro-batches and ranks
 
 def fixed_generate():
-    """A stand-in for grpo.generate whose 'samples' depend on the prompt, the index within its group and the
-    step only, so every split of a global batch over micro-batches and ranks gets the same ones."""
+    """A stand-in for common.generate_completions whose 'samples' depend on the prompt, the index within its
+    group and the step only, so every split of a global batch over micro-batches and ranks gets the same ones."""
     words, calls = [w for ws in TOPIC_WORDS.values() for w in ws], []
 
-    def generate(policy, prompts, tokenizer, args, device):
+    def generate(policy, prompts, tokenizer, device, batch_size):
         calls.append(1)
         out = []
         for i, p in enumerate(prompts):
-            rng = random.Random(zlib.crc32(f"{p['prompt']}|{i % args.num_generations}|{len(calls)}".encode()))
-            n = rng.randint(1, args.max_new_tokens)
+            rng = random.Random(zlib.crc32(f"{p['prompt']}|{i % NUM_GENERATIONS}|{len(calls)}".encode()))
+            n = rng.randint(1, MAX_NEW_TOKENS)
             ids = tokenizer.convert_tokens_to_ids(rng.choices(words, k=n))
-            out.append(ids + [tokenizer.eos_token_id] if n < args.max_new_tokens else ids)  # some cut off
+            out.append(ids + [tokenizer.eos_token_id] if n < MAX_NEW_TOKENS else ids)  # some cut off
         return out
     return generate
 
 
 # one run per aggregation, each with another advantage scaling; KL and two iterations (clipping) in all
 LOSS_TYPES = {"grpo": "batch", "dr_grpo": "none", "dapo": "group"}
-FLAGS = ["--max_steps", "2", "--num_generations", "4", "--max_new_tokens", "8", "--max_length", "64",
-         "--beta", "0.04", "--num_iterations", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--log_every", "1",
-         "--num_sample_generations", "0", "--reward_fn", os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward"]
+NUM_GENERATIONS, MAX_NEW_TOKENS = 4, 8
+FLAGS = ["--max_steps", "2", "--num_generations", str(NUM_GENERATIONS), "--max_new_tokens", str(MAX_NEW_TOKENS),
+         "--max_length", "64", "--beta", "0.04", "--num_iterations", "2", "--lr", "3e-3", "--warmup_ratio", "0",
+         "--log_every", "1", "--num_sample_generations", "0",
+         "--reward_fn", os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward"]
 
 
 def run_each_loss_type(flags, out):
-    sample = grpo.generate
+    sample = common.generate_completions
     try:
         for loss_type, scale in LOSS_TYPES.items():
-            grpo.generate = fixed_generate()
+            common.generate_completions = fixed_generate()
             grpo.main(flags + ["--loss_type", loss_type, "--scale_rewards", scale,
                                "--output_dir", f"{out}/{loss_type}"])
     finally:
-        grpo.generate = sample
+        common.generate_completions = sample
 
 
 def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):

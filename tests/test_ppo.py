@@ -126,6 +126,14 @@ def test_whiten_over_response_tokens():
     torch.testing.assert_close(ppo.whiten(x, mask, CPU, shift_mean=False), (expected + 4) * mask, atol=1e-6, rtol=1e-6)
 
 
+def test_global_mean_std_over_masked_values():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    # 1, 2, 3: mean 2, Bessel std sqrt((1 + 0 + 1) / 2) = 1; the masked 100 counts for nothing
+    assert common.global_mean_std(x, CPU, torch.tensor([[1.0, 1.0, 1.0, 0.0]])) == pytest.approx((2.0, 1.0))
+    # all four: mean 26.5, squared deviations 25.5^2 + 24.5^2 + 23.5^2 + 73.5^2 = 7205, std sqrt(7205 / 3)
+    assert common.global_mean_std(x, CPU) == pytest.approx((26.5, (7205 / 3) ** 0.5))
+
+
 # ---------------------------------------------------------------- sampling is what is scored
 
 def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
@@ -141,7 +149,9 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     prompts = formats.tokenize(rows, tokenizer, 64, ())
 
     torch.manual_seed(0)
-    batch, has_eos, old = ppo.rollout(policy, policy, value_model, value_model, prompts, tokenizer, args, CPU)
+    policy.train()  # as in training: rollout samples and scores in eval mode, the update runs in train mode
+    sampled = ppo.rollout(policy, policy, value_model, value_model, prompts, tokenizer, args, CPU)
+    batch = sampled.batch
     torch.manual_seed(0)  # the same draw again, now keeping generate's own (processed) scores
     query = batching.collate_prompts(prompts, tokenizer.pad_token_id, CPU)
     out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
@@ -152,12 +162,12 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     generated = out.sequences[:, query["input_ids"].shape[1]:][:, :C]
     assert torch.equal(generated[mask], batch["labels"][mask])
     sampled_logps = torch.stack(out.scores[:C], 1).log_softmax(-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(old["old_logps"][mask], sampled_logps[mask], atol=1e-5, rtol=0)
-    assert torch.equal(has_eos, batch["labels"].gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)
+    torch.testing.assert_close(sampled.old_logps[mask], sampled_logps[mask], atol=1e-5, rtol=0)
+    assert torch.equal(sampled.has_eos, batch["labels"].gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)
                        == tokenizer.eos_token_id)
     # the update's forward scores the same log-probs
     logps, _ = logprobs.logps_and_entropy(policy, batch, args.temperature)
-    torch.testing.assert_close(logps, old["old_logps"], atol=1e-6, rtol=1e-6)  # |logp| ~ 5
+    torch.testing.assert_close(logps, sampled.old_logps, atol=1e-6, rtol=1e-6)  # |logp| ~ 5
 
 
 def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
@@ -174,13 +184,14 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
     value_model = rm.RewardModel(models.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     torch.manual_seed(0)
-    batch, _, old = ppo.rollout(policy, policy, value_model, value_model, formats.tokenize(rows, tokenizer, 64, ()),
-                                tokenizer, args, CPU)
+    policy.train()
+    sampled = ppo.rollout(policy, policy, value_model, value_model, formats.tokenize(rows, tokenizer, 64, ()),
+                          tokenizer, args, CPU)
     assert policy.training  # rollout hands the policy back in train mode, as the update uses it
-    logps, _ = logprobs.logps_and_entropy(policy, batch, args.temperature)
-    mask = batch["labels"] != -100
-    assert mask.sum() > 6 and logps.dtype == old["old_logps"].dtype == torch.float32
-    torch.testing.assert_close(logps[mask], old["old_logps"][mask], atol=1e-6, rtol=1e-6)
+    logps, _ = logprobs.logps_and_entropy(policy, sampled.batch, args.temperature)
+    mask = sampled.batch["labels"] != -100
+    assert mask.sum() > 6 and logps.dtype == sampled.old_logps.dtype == torch.float32
+    torch.testing.assert_close(logps[mask], sampled.old_logps[mask], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- end to end
