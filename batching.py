@@ -107,15 +107,17 @@ def unpack(outputs, index):
     return flat.masked_fill((index < 0).view(*index.shape, *[1] * (flat.dim() - 2)), 0)
 
 
-def micro_batches(examples, step, args):
-    """This rank's grad_accum micro-batches (lists of examples) for optimizer step `step` (counting from 0).
+def micro_batches(examples, step, args, grad_accum=None):
+    """This rank's grad_accum micro-batches (lists of examples) for optimizer step `step` (counting from 0);
+    `grad_accum` replaces --grad_accum (ppo.py: a rollout is num_mini_batches minibatches of it).
 
     A pure function of (step, seed): each epoch is a seeded shuffle, each step takes the next global
     batch and rank r takes the r-th contiguous slice of every micro-batch. So one process with
     batch_size B*N sees exactly what N processes with batch_size B see, and resuming needs no loader state.
     """
     N, r, B = world(), rank(), args.batch_size  # ranks, this rank, examples per micro-batch
-    per_step = B * N * args.grad_accum
+    grad_accum = grad_accum or args.grad_accum
+    per_step = B * N * grad_accum
     steps_per_epoch = len(examples) // per_step
     if steps_per_epoch == 0:
         raise UserError(f"{args.data}: {len(examples)} examples is fewer than one global batch ({per_step} = "
@@ -125,7 +127,7 @@ def micro_batches(examples, step, args):
     random.Random(args.seed + epoch).shuffle(order)
     start = i * per_step
     return [[examples[j] for j in order[start + (m * N + r) * B: start + (m * N + r + 1) * B]]
-            for m in range(args.grad_accum)]
+            for m in range(grad_accum)]
 
 
 def heldout_chunks(examples, batch_size):

@@ -209,9 +209,10 @@ class TrainState:
     (of the model or of those modules), anything else with a JSON-able state_dict() (schedulers).
     """
 
-    def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, **extra):
-        micro_batches(examples, 0, args)  # too little data fails now, before anything is written
+    def __init__(self, args, tokenizer, examples, model, optimizer, scheduler, grad_accum=None, **extra):
+        micro_batches(examples, 0, args, grad_accum)  # too little data fails now, before anything is written
         self.args, self.tokenizer, self.model, self.stop = args, tokenizer, model, False
+        self.grad_accum = grad_accum or args.grad_accum  # with batch_size and ranks, it fixes the data order
         self.parts = {"optimizer": optimizer, "scheduler": scheduler, **extra}
         self.modules = {n: p for n, p in self.parts.items() if isinstance(p, torch.nn.Module)}
         self.owner = torch.nn.ModuleDict({"model": model, **self.modules})  # names every optimized parameter
@@ -278,7 +279,7 @@ class TrainState:
             raise UserError(f"{path} was written with seed={saved['seed']}, this run has seed={self.args.seed}; "
                             "resume with the same value")
         then = (saved["batch_size"], saved["grad_accum"], saved["world_size"])
-        now = (self.args.batch_size, self.args.grad_accum, world())
+        now = (self.args.batch_size, self.grad_accum, world())
         if math.prod(then) != math.prod(now):
             raise UserError(f"{path} was written with a global batch of {math.prod(then)} (batch_size x grad_accum x "
                             f"ranks = {' x '.join(map(str, then))}), this run has {' x '.join(map(str, now))} = "
@@ -307,7 +308,8 @@ class TrainState:
         """Write checkpoint-{step}.tmp, fsync, rename it to checkpoint-{step}; then drop the oldest beyond the limit."""
         final = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         tmp = final + ".tmp"
-        saved = {"step": step, "args": {**vars(self.args), "world_size": world()}, "state": {}}
+        saved = {"step": step, "args": {**vars(self.args), "grad_accum": self.grad_accum, "world_size": world()},
+                 "state": {}}
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         barrier()

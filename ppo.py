@@ -23,7 +23,6 @@ Sizes per device: a micro-batch is --batch_size rows, a minibatch (one optimizer
     torchrun --nproc_per_node=8 ppo.py --model my/sft --reward_model my/rm --data prompts.jsonl --lr 1e-6
     python ppo.py --save_every 10 --resume                  # pre-emptible: rerun the same command
 """
-import argparse
 import os
 from typing import NamedTuple
 
@@ -233,14 +232,14 @@ def main(argv=None):
 
     prompts = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.local_rollout_forward_batch_size)
-    # a rollout is num_mini_batches minibatches: batching.micro_batches and TrainState read its size from args
-    per_rollout = argparse.Namespace(**{**vars(args), "grad_accum": args.grad_accum * args.num_mini_batches})
+    rollout_accum = args.grad_accum * args.num_mini_batches  # a rollout is num_mini_batches minibatches
     sample_every = max(1, args.max_steps // args.num_sample_generations) if args.num_sample_generations else 0
     toy = is_toy(args)
 
     torch.manual_seed(args.seed + common.rank())  # every rank samples differently; before resume restores RNG
-    state = checkpoint.TrainState(per_rollout, tokenizer, prompts, policy, policy_optimizer, policy_scheduler,
-                                  value=value_model, value_optimizer=value_optimizer, value_scheduler=value_scheduler)
+    state = checkpoint.TrainState(args, tokenizer, prompts, policy, policy_optimizer, policy_scheduler,
+                                  grad_accum=rollout_accum, value=value_model, value_optimizer=value_optimizer,
+                                  value_scheduler=value_scheduler)
     start = state.resume()
 
     def evaluation():
@@ -254,7 +253,7 @@ def main(argv=None):
     n_minibatches = args.ppo_epochs * args.num_mini_batches
     policy.train()  # the updates' mode, which rollouts and evaluations restore
     for step in range(start + 1, args.max_steps + 1):
-        batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, per_rollout) for p in mb]
+        batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args, rollout_accum) for p in mb]
         sampled = rollout(policy, ref_model, reward_model, value_model, batch_prompts, tokenizer, args, device)
         batch = sampled.batch
         logger.count(batch)
