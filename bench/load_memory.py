@@ -16,6 +16,7 @@ and `imports` its RSS before the first model is loaded (Python, torch, transform
 pays. Then the run stops.
 """
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -41,17 +42,17 @@ def worker(results, flags):
     import checkpoint
     import common
     import dpo
-    import models
 
-    load_model, seen, models = models.load_model, {}, []
+    loader = importlib.import_module("models" if os.path.exists("models.py") else "common")  # where load_model is
+    load_model, seen, loaded = loader.load_model, {}, []
 
     def first_load(*args, **kwargs):
         seen.setdefault("imports_mb", memory_mb("VmRSS"))
-        models.append(load_model(*args, **kwargs))
-        return models[-1]
+        loaded.append(load_model(*args, **kwargs))
+        return loaded[-1]
 
     def stop(self):
-        for model in models:  # page in what from_pretrained maps lazily, as the first forward would
+        for model in loaded:  # page in what from_pretrained maps lazily, as the first forward would
             for tensor in model.state_dict().values():
                 float((tensor.to_local() if hasattr(tensor, "to_local") else tensor).float().sum())
         with open(os.path.join(results, f"rank{common.rank()}.json"), "w") as f:
@@ -59,7 +60,7 @@ def worker(results, flags):
         common.barrier()
         sys.exit(0)
 
-    models.load_model, checkpoint.TrainState.resume = first_load, stop
+    loader.load_model, checkpoint.TrainState.resume = first_load, stop
     dpo.main(flags)
 
 
