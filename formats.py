@@ -169,11 +169,25 @@ def check_reply(messages, field, fields, where):
                                                "'chosen' and 'rejected' lists that both repeat the prompt"))
 
 
-def encode_prompt(tokenizer, prompt):
+def render_chat(tokenizer, messages, generation, where):
+    """The chat template's text for `messages`; a template that refuses them (a role it lacks, roles that do
+    not alternate) is an input error naming the row."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+    except TemplateError as e:
+        roles = [m["role"] for m in messages]
+        hint = ("; this model's template has no system role: merge it into the first user turn" if "system" in roles
+                and "system" in str(e).lower() else "; give turns that alternate user/assistant, merging repeated "
+                "ones" if any(a == b for a, b in zip(roles, roles[1:])) else "")
+        raise UserError(f"{where}: the model's chat template refuses this conversation: {e}{hint}") from e
+
+
+def encode_prompt(tokenizer, prompt, where="?"):
     """A plain prompt as the tokenizer encodes text (with BOS if it adds one); messages via the chat template."""
     if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer(render_chat(tokenizer, prompt, True, where), add_special_tokens=False).input_ids
     return tokenizer(prompt).input_ids
 
 
@@ -188,7 +202,7 @@ def chat_pieces(tokenizer, prompt, completion, where):
     chat = prompt + completion
 
     def render(n, generation=False):
-        return tokenizer.apply_chat_template(chat[:n], add_generation_prompt=generation, tokenize=False)
+        return render_chat(tokenizer, chat[:n], generation, where)
 
     full, pos, pieces = render(len(chat)), len(render(len(prompt), True)), []
     for i in range(len(prompt), len(chat)):
@@ -250,7 +264,8 @@ def tokenize(rows, tokenizer, max_length, fields):
     """
     examples, cut_at, unfit = [], [], []
     for row in rows:
-        where, prompt = row.get("_where", "?"), encode_prompt(tokenizer, row["prompt"])
+        where = row.get("_where", "?")
+        prompt = encode_prompt(tokenizer, row["prompt"], where)
         if not prompt:
             raise UserError(f"{where}: the prompt is empty after tokenization and this tokenizer adds no BOS "
                             "token, so no token would predict the completion's first token; give it a prompt")

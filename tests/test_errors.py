@@ -26,6 +26,11 @@ from toy.task import TINY_MODEL_DIR
 
 GOOD = {"prompt": "tell me about music :", "completion": "drum flute piano"}
 USER, REPLY = {"role": "user", "content": "tell me about music :"}, {"role": "assistant", "content": "drum flute"}
+SYSTEM = {"role": "system", "content": "be brief"}
+STRICT = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"  # as
+          "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"  # Gemma's and Mistral's
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
 def jsonl(*rows):
@@ -92,6 +97,14 @@ CASES = {
                            ["data.jsonl:2: a prompt/completion text row, but the first row is messages"]),
     "chat_template_rewrites_turns": ("sft.py", jsonl({"messages": [USER, REPLY, USER, REPLY]}), ["--model", "REWRITING"],
                                      ["data.jsonl:1: the chat template renders messages 1-2 differently"]),
+    "chat_template_has_no_system_role": ("sft.py", jsonl({"messages": [SYSTEM, USER, REPLY]}), ["--model", "STRICT"],
+                                         ["data.jsonl:1: the model's chat template refuses this conversation: System "
+                                          "role not supported; this model's template has no system role: merge it "
+                                          "into the first user turn"]),
+    "chat_template_wants_alternating_roles": ("sft.py", jsonl({"messages": [USER, USER, REPLY]}), ["--model", "STRICT"],
+                                              ["data.jsonl:1: the model's chat template refuses this conversation: "
+                                               "Conversation roles must alternate user/assistant/user/assistant",
+                                               "give turns that alternate user/assistant"]),
     "implicit_pairs_of_text": ("dpo.py", jsonl({"chosen": "a b", "rejected": "a c"}), ["--model", TINY_MODEL_DIR],
                                ["data.jsonl:1: without a 'prompt' field, 'chosen' and 'rejected' must both be lists"]),
     "pair_mixing_h4_and_reply": ("dpo.py", jsonl({"prompt": "hi", "chosen": [USER, REPLY], "rejected": [REPLY]}),
@@ -103,8 +116,9 @@ CASES = {
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     """A backbone without its LM head (not a causal LM), a copy of the tiny model with pickle weights only,
-    one whose chat template rewrites earlier turns, the tiny model with a tokenizer that adds no BOS, and
-    one whose config.json does not match its weights."""
+    one whose chat template rewrites earlier turns, one whose template refuses system turns and turns that do
+    not alternate, the tiny model with a tokenizer that adds no BOS, and one whose config.json does not match
+    its weights."""
     from test_data import REWRITING
     from transformers import AutoModel, AutoTokenizer
 
@@ -114,6 +128,10 @@ def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = REWRITING
     tokenizer.save_pretrained(rewriting)
+    strict = str(root / "strict")
+    shutil.copytree(tiny_model, strict)
+    tokenizer.chat_template = STRICT
+    tokenizer.save_pretrained(strict)
     AutoModel.from_pretrained(tiny_model).save_pretrained(backbone)
     shutil.copytree(tiny_model, pickled)
     torch.save(load_file(os.path.join(pickled, "model.safetensors")), os.path.join(pickled, "pytorch_model.bin"))
@@ -125,7 +143,7 @@ def model_dirs(tmp_path_factory, tiny_model, no_bos_model):
     with open(os.path.join(reshaped, "config.json"), "w") as f:
         json.dump({**config, "intermediate_size": 100}, f)
     return {"BACKBONE": backbone, "PICKLED": pickled, "REWRITING": rewriting, "NOBOS": no_bos_model,
-            "RESHAPED": reshaped}
+            "RESHAPED": reshaped, "STRICT": strict}
 
 
 SUBPROCESS_CASES = ("not_json", "model_path_missing", "model_pickle_only", "dpo_beta_zero")  # the real command line, end to end
