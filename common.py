@@ -224,38 +224,46 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
+def stop_ids(generation_config, tokenizer):
+    """The ids that end a completion: the tokenizer's EOS and every eos_token_id (one or a list) the generation
+    config declares. Chat models end a turn with their own token (Gemma's <end_of_turn>, Llama-3's <|eot_id|>)."""
+    declared = generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *declared] if i is not None))
+
+
 def set_sampling(policy, args, tokenizer):
-    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores.
-    The whole generation_config is replaced: a checkpoint's own defaults (top_k=50, a repetition
-    penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
+    """Make generate() plain temperature sampling, the distribution that token_logps(logits / T) scores,
+    ending at any of stop_ids. The whole generation_config is replaced: a checkpoint's own defaults (top_k=50,
+    a repetition penalty, ...) would otherwise still apply and change what is sampled. Returns the old one."""
     from transformers import GenerationConfig
 
     original = policy.generation_config
     policy.generation_config = GenerationConfig(
         do_sample=True, top_k=0, top_p=1.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(original, tokenizer),
     )
     return original
 
 
-def completions_from(responses, eos_id):
-    """Generated ids as lists, each cut after its first EOS. Never looks at pad: pad may equal eos."""
+def completions_from(responses, stop):
+    """Generated ids as lists, each cut after its first id in stop. Never looks at pad: pad may equal eos."""
     rows = responses.tolist()
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
 
 
 def generate_completions(policy, prompts, tokenizer, device, batch_size):
     """Sample one response per prompt (examples with `prompt` ids) as set_sampling set generate(), batch_size
-    prompts at a time, in eval mode: lists of ids, each cut after its first EOS."""
+    prompts at a time, in eval mode: lists of ids, each cut after its first stop id."""
     import batching  # imports common
 
-    completions = []
+    completions, stop = [], stop_ids(policy.generation_config, tokenizer)
     with evaluating(policy):
         for i in range(0, len(prompts), batch_size):
             query = batching.collate_prompts(prompts[i:i + batch_size], tokenizer.pad_token_id, device)
             out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
                                   synced_gpus=world() > 1, use_cache=True)  # synced: ranks stop at different lengths
-            completions += completions_from(out[:, query["input_ids"].shape[1]:], tokenizer.eos_token_id)
+            completions += completions_from(out[:, query["input_ids"].shape[1]:], stop)
     return completions
 
 

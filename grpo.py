@@ -161,11 +161,12 @@ class Rollout(NamedTuple):
 def rollout(policy, ref_model, reward_model, reward_fns, prompts, tokenizer, args, device):
     """Sample G responses per prompt, then score them: a Rollout. The policy scores in eval mode, as it
     sampled; its mode is restored after."""
-    pad_id, eos_id, size = tokenizer.pad_token_id, tokenizer.eos_token_id, args.local_rollout_forward_batch_size
+    pad_id, size = tokenizer.pad_token_id, args.local_rollout_forward_batch_size
+    stop = common.stop_ids(policy.generation_config, tokenizer)
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     completions = common.generate_completions(policy, expanded, tokenizer, device, size)
     batch = batching.collate([p["prompt"] for p in expanded], completions, pad_id, device)
-    has_eos = torch.tensor([c[-1] == eos_id for c in completions], device=device)
+    has_eos = torch.tensor([c[-1] in stop for c in completions], device=device)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     rows = [p["row"] for p in expanded]
     texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
@@ -210,7 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--reward_weights", type=float, nargs="+", default=None,
                    help="one weight per --reward_fn, then the --reward_model (default: all 1)")
     p.add_argument("--num_generations", type=int, default=8, help="G, responses sampled per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling; a response ends earlier at the tokenizer's EOS or "
+                   "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model; DeepSeekMath: 0.04)")
     p.add_argument("--epsilon", type=float, default=0.2, help="eps_low, the clip below 1")

@@ -212,3 +212,13 @@ def test_pad_token_falls_back_to_eos(tmp_path, tokenizer):
     (tmp_path / "model.safetensors").write_bytes(b"")  # check_model_path only looks for the file
     reloaded = models.load_tokenizer(str(tmp_path))
     assert reloaded.pad_token == reloaded.eos_token == "</s>"
+
+
+def test_stop_ids_join_the_tokenizer_eos_and_the_declared_ones(tokenizer):
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    assert common.stop_ids(GenerationConfig(eos_token_id=None), tokenizer) == [eos]
+    assert common.stop_ids(GenerationConfig(eos_token_id=eos), tokenizer) == [eos]
+    assert common.stop_ids(GenerationConfig(eos_token_id=7), tokenizer) == [eos, 7]
+    assert common.stop_ids(GenerationConfig(eos_token_id=[7, eos, 9]), tokenizer) == [eos, 7, 9]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, read_metrics
 import common  # noqa: E402
+import formats  # noqa: E402
 import grpo  # noqa: E402
 import models  # noqa: E402
 from toy.rewards import gold_reward  # noqa: E402
@@ -115,10 +116,62 @@ def test_kl_is_k3_and_zero_when_policy_is_reference():
 def test_masks_come_from_the_first_eos_not_from_pad():
     eos = pad = 2
     generated = torch.tensor([[5, eos, pad, pad], [eos, pad, pad, pad], [5, 6, 7, 8]])  # the last one is cut off
-    assert common.completions_from(generated, eos) == [[5, eos], [eos], [5, 6, 7, 8]]
+    assert common.completions_from(generated, [eos]) == [[5, eos], [eos], [5, 6, 7, 8]]
 
 
-def test_toy_reward_function_takes_strings_and_messages():
+def test_completions_end_at_the_first_of_several_stop_ids():
+    eos, end_of_turn = 2, 9
+    generated = torch.tensor([[5, end_of_turn, 6, eos], [5, eos, end_of_turn, 6], [5, 6, 7, 8]])
+    assert common.completions_from(generated, [eos, end_of_turn]) == [[5, end_of_turn], [5, eos], [5, 6, 7, 8]]
+
+
+@pytest.fixture(scope="module")
+def end_of_turn_model(tiny_model, tmp_path_factory):
+    """The tiny model with an <end_of_turn> token that its generation config lists next to the tokenizer's EOS,
+    and weights that emit it first: no layer writes to the residual stream, every embedding is all ones, and
+    only <end_of_turn>'s row of the LM head is nonzero, so its logit is 128 * 0.5 = 64 and every other one 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("end_of_turn"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert end_of_turn < model.config.vocab_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end_of_turn] = 0.5
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, end_of_turn
+
+
+def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_path):
+    path, end_of_turn = end_of_turn_model
+    args = grpo.parse_args(["--model", path, "--num_generations", "2", "--max_new_tokens", "8"])
+    tokenizer, policy = models.load_policy(args, CPU)
+    common.set_sampling(policy, args, tokenizer)
+    rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"]]
+    prompts = [{**ex, "row": row} for ex, row in zip(formats.tokenize(rows, tokenizer, 64, ()), rows)]
+    reward_fns = [grpo.load_reward_fn(os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward")]
+    sampled = grpo.rollout(policy, None, None, reward_fns, prompts, tokenizer, args, CPU)
+    # each of the 2 * 2 responses is the one token <end_of_turn>, not 8 tokens running past it
+    assert sampled.batch["labels"].tolist() == [[end_of_turn]] * 4
+    assert sampled.has_eos.tolist() == [True] * 4
+    # end to end, on the toy data: no response is clipped, and the toy eval stops there too
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", path, "--output_dir", out, "--max_steps", "1", "--batch_size", "2", "--num_generations",
+               "2", "--max_new_tokens", "8", "--log_every", "1", "--num_sample_generations", "0"])
+    rows = read_metrics(out)
+    train = [r for r in rows if "reward" in r][0]
+    assert train["completions/clipped_ratio"] == 0.0 and train["completions/mean_length"] == 1.0
+    assert [r["eval/mean_length"] for r in rows if "eval/mean_length" in r] == [1.0, 1.0]
+
     prompts = ["tell me about animals :", [{"role": "user", "content": "tell me about fruits and tools :"}]]
     completions = ["cat dog red blue", [{"role": "assistant", "content": "apple saw rain"}]]
     assert gold_reward(prompts, completions, answer=["x", "y"]) == [2 / 4, 2 / 3]

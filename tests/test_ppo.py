@@ -100,7 +100,7 @@ def test_score_lands_on_the_last_response_token_when_pad_is_eos():
         [eos, pad, pad, pad, pad],  # EOS first: a one-token response
         [5, 6, 7, 8, 9],         # cut off without EOS: the score goes on the last token
     ])
-    completions = common.completions_from(generated, eos)
+    completions = common.completions_from(generated, [eos])
     assert completions == [[5, 6, eos], [eos], [5, 6, 7, 8, 9]]
     batch = batching.collate([[1, 10], [1], [1, 11, 12]], completions, pad, CPU)
     mask = (batch["labels"] != -100).float()

@@ -17,20 +17,19 @@ def evaluate(model, tokenizer, args, device, max_new_tokens=32):
     mine = rows[common.rank()::common.world()]
     batch = batching.collate_prompts(formats.tokenize(mine, tokenizer, args.max_length, ()), tokenizer.pad_token_id, device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    stop = common.stop_ids(model.generation_config, tokenizer)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(1234 + common.rank())  # the same samples every time; training RNG untouched
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, top_k=0,
-            top_p=1.0, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            top_p=1.0, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
             synced_gpus=common.world() > 1, use_cache=True,
         )[:, ids.shape[1]:]
     model.train(was_training)
     gold = length = 0.0
-    for row, response in zip(mine, out.tolist()):
-        if tokenizer.eos_token_id in response:
-            response = response[: response.index(tokenizer.eos_token_id) + 1]
+    for row, response in zip(mine, common.completions_from(out, stop)):
         length += len(response)
         gold += gold_score(row["prompt"], tokenizer.decode(response, skip_special_tokens=True))
     gold, length, n = common.all_sum([gold, length, len(mine)], device)
