@@ -33,7 +33,10 @@ models set e.g. --lr 1e-6. The reward on the toy data is the gold score (toy/rew
 """
 import importlib.util
 import math
+import numbers
 import os
+import warnings
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -55,17 +58,27 @@ def group_advantages(rewards, num_generations, scale_rewards):
     """A_i (N,) for rewards (N,) laid out as N / G groups of G consecutive responses:
         group: (R_i - mean_group R) / (std_group R + 1e-4);  batch: the std over every rank's rewards;
         none:  R_i - mean_group R.
-    std with Bessel's correction. Also returns each group's std (N / G,): a group whose rewards are all
-    equal has A = 0 and teaches nothing."""
+    std with Bessel's correction. A NaN reward (no reward function scored the response) is left out of the
+    means and stds, and its A is 0, as in TRL. Also returns each group's std (N / G,; NaN under two scored
+    responses): a group whose rewards are all equal has A = 0 and teaches nothing."""
     groups = rewards.view(-1, num_generations)
-    advantages = (groups - groups.mean(-1, keepdim=True)).flatten()
-    group_std = groups.std(-1)
+    advantages = (groups - groups.nanmean(-1, keepdim=True)).flatten()
+    scored = (~groups.isnan()).sum(-1)
+    group_std = torch.where(scored > 1, (advantages.view_as(groups) ** 2).nansum(-1) / (scored - 1), torch.nan).sqrt()
     if scale_rewards == "group":
         advantages = advantages / (group_std.repeat_interleave(num_generations) + 1e-4)
     elif scale_rewards == "batch":
-        _, batch_std = common.global_mean_std(rewards, rewards.device)
+        _, batch_std = scored_mean_std(rewards, rewards.device)
         advantages = advantages / (batch_std + 1e-4)
-    return advantages, group_std
+    return advantages.nan_to_num(0.0), group_std
+
+
+def scored_mean_std(rewards, device):
+    """Mean and std (Bessel's correction) over every rank of the rewards that are not NaN; NaN if none is."""
+    scored = ~rewards.isnan()
+    if common.all_sum([float(scored.sum())], device)[0] == 0:
+        return math.nan, math.nan
+    return common.global_mean_std(rewards.nan_to_num(), device, scored.float())
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type, epsilon_low, epsilon_high, beta,
@@ -114,7 +127,8 @@ def grpo_step(logps, entropy, old_logps, ref_logps, advantages, mask, n_sequence
 
 
 def load_reward_fn(spec):
-    """`path/to/file.py:function` -> the function; its name labels its `rewards/<name>` metric."""
+    """`path/to/file.py:name` -> (label, the function or callable object `name`). The label, TRL's, names its
+    `rewards/<label>` metric: the function's __name__, else the object's class name."""
     path, _, name = spec.rpartition(":")
     if not path.endswith(".py") or not name:
         raise common.UserError(f"--reward_fn {spec}: expected path/to/file.py:function")
@@ -125,25 +139,53 @@ def load_reward_fn(spec):
         module.__loader__.exec_module(module)
     except Exception as e:
         raise common.UserError(f"--reward_fn {spec}: importing {path} raised {type(e).__name__}: {e}") from e
-    if not callable(getattr(module, name, None)):
+    fn = getattr(module, name, None)
+    if not callable(fn):
         raise common.UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
-    return name, getattr(module, name)
+    return getattr(fn, "__name__", type(fn).__name__), fn
 
 
-def call_reward_fn(name, fn, prompts, completions, columns):
-    """fn(prompts, completions, **columns) as a list of floats; anything else is a UserError naming fn."""
+def reward_kwargs(global_step, max_steps, log_metric):
+    """The keywords TRL's GRPOTrainer gives every reward function besides the data columns. trainer_state has
+    TrainerState's global_step (updates done) and max_steps; log_metric(name, value) adds a scalar to the
+    step's metrics; log_extra(column, values) adds columns to TRL's completions table, which grpo.py has not,
+    so it does nothing."""
+    return {"trainer_state": SimpleNamespace(global_step=global_step, max_steps=max_steps),
+            "log_extra": lambda column, values: None, "log_metric": log_metric}
+
+
+def real_reward(r):
+    """One returned reward as a float: NaN for None (TRL's "no reward for this sample"); None if it is not a
+    real number (Python, numpy, or a 0-d tensor or array)."""
+    if r is None:
+        return math.nan
+    if getattr(r, "shape", None) == ():
+        r = r.item()
+    return float(r) if isinstance(r, numbers.Real) and math.isfinite(r) else None
+
+
+def call_reward_fn(name, fn, prompts, completions, completion_ids, columns, kwargs):
+    """fn(prompts=, completions=, completion_ids=, **columns, **kwargs) as a list of floats, NaN for None;
+    anything else is a UserError naming fn."""
     try:
-        out = fn(prompts=prompts, completions=completions, **columns)
+        out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **kwargs)
     except Exception as e:
         raise common.UserError(f"reward function {name} raised {type(e).__name__}: {e}") from e
     if not isinstance(out, (list, tuple)) or len(out) != len(completions):
         got = f"{len(out)} values" if isinstance(out, (list, tuple)) else type(out).__name__
         raise common.UserError(f"reward function {name} returned {got} for {len(completions)} completions; "
-                               "it must return one float per completion")
-    bad = [r for r in out if not isinstance(r, (int, float)) or not math.isfinite(r)]
-    if bad:
-        raise common.UserError(f"reward function {name} returned {bad[0]!r}; rewards must be finite numbers")
-    return [float(r) for r in out]
+                               "it must return one float (or None) per completion")
+    rewards = [real_reward(r) for r in out]
+    if None in rewards:
+        raise common.UserError(f"reward function {name} returned {out[rewards.index(None)]!r}; "
+                               "rewards must be finite real numbers or None")
+    return rewards
+
+
+def total_rewards(rewards, weights):
+    """(N, sources) rewards, NaN where a source gave none -> (N,) weighted sums over the sources that did,
+    NaN where none did (TRL's nansum, the unscorable left out)."""
+    return torch.where(rewards.isnan().all(1), torch.nan, (rewards * weights).nansum(1))
 
 
 class Rollout(NamedTuple):
@@ -158,9 +200,9 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, reward_model, reward_fns, prompts, tokenizer, args, device):
+def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts, tokenizer, args, device):
     """Sample G responses per prompt, then score them: a Rollout. The policy scores in eval mode, as it
-    sampled; its mode is restored after."""
+    sampled; its mode is restored after. reward_kwargs: the reward functions' keywords besides the columns."""
     pad_id, size = tokenizer.pad_token_id, args.local_rollout_forward_batch_size
     stop = common.stop_ids(policy.generation_config, tokenizer)
     expanded = [p for p in prompts for _ in range(args.num_generations)]
@@ -171,7 +213,8 @@ def rollout(policy, ref_model, reward_model, reward_fns, prompts, tokenizer, arg
     rows = [p["row"] for p in expanded]
     texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
-    rewards = [call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, columns) for name, fn in reward_fns]
+    rewards = [call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns, reward_kwargs)
+               for name, fn in reward_fns]
     parts = {"old_logps": [], "ref_logps": [], "scores": []}
     with common.evaluating(policy):
         for i in range(0, len(expanded), size):
@@ -186,20 +229,25 @@ def rollout(policy, ref_model, reward_model, reward_fns, prompts, tokenizer, arg
     scores = parts.pop("scores")
     if reward_model is not None:
         rewards = torch.cat([rewards, torch.cat(scores)[:, None].float()], 1)
+    if rewards.isnan().all(1).any():
+        warnings.warn("every reward function returned None for a response: it has A = 0 and no part in the "
+                      "reward metrics; make at least one reward function score every response")
     return Rollout(batch, has_eos, rewards, **{k: torch.cat(v) if v else None for k, v in parts.items()})
 
 
-def heldout_metrics(policy, ref_model, reward_model, reward_fns, weights, chunks, tokenizer, args, device):
+def heldout_metrics(policy, ref_model, reward_model, reward_fns, reward_kwargs, weights, chunks, tokenizer, args,
+                    device):
     """`eval/reward`: the mean weighted reward of G responses per held-out prompt, sampled as in rollout
-    (seeded: the same draws at every evaluation, training RNG untouched)."""
+    (seeded: the same draws at every evaluation, training RNG untouched), over the responses scored."""
     sums = common.Sums()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            sums.add({"reward": (rollout(policy, ref_model, reward_model, reward_fns, chunk, tokenizer, args,
-                                         device).rewards @ weights).sum()})
-    (n,) = common.all_sum([sum(map(len, chunks)) * args.num_generations], device)
-    return common.means(sums.total(device), n, prefix="eval/")
+            rewards = total_rewards(rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk,
+                                            tokenizer, args, device).rewards, weights)
+            sums.add({"reward": rewards.nansum(), "scored": (~rewards.isnan()).sum()})
+    totals = sums.total(device)
+    return {"eval/reward": totals["reward"] / totals["scored"] if totals["scored"] else math.nan}
 
 
 def parse_args(argv=None):
@@ -287,20 +335,29 @@ def main(argv=None):
     state = checkpoint.TrainState(args, tokenizer, prompts, policy, optimizer, scheduler)
     start = state.resume()
 
-    def evaluation():
+    def evaluation(step):  # the held-out rollouts' log_metric values are not logged
+        kwargs = reward_kwargs(step, args.max_steps, log_metric=lambda name, value: None)
         return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_metrics(
-            policy, ref_model, reward_model, reward_fns, weights, heldout, tokenizer, args, device) if heldout else {})}
+            policy, ref_model, reward_model, reward_fns, kwargs, weights, heldout, tokenizer, args, device)
+            if heldout else {})}
+
+    step_metrics = {}  # what the reward functions log_metric in this step's rollout: name -> values
+
+    def log_metric(name, value):
+        step_metrics.setdefault(name, []).append(float(value))
 
     logger = common.Logger(args, start, notes, headline=("loss", "reward"))
     if (toy or heldout) and start == 0:
-        logger.log(0, evaluation())
+        logger.log(0, evaluation(0))
     logger.tokens_per_second(device)  # start the step clock
     policy.train()  # the updates' mode, which rollouts and evaluations restore
     for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args) for p in mb]
-        sampled = rollout(policy, ref_model, reward_model, reward_fns, batch_prompts, tokenizer, args, device)
+        step_metrics.clear()
+        kwargs = reward_kwargs(step - 1, args.max_steps, log_metric)
+        sampled = rollout(policy, ref_model, reward_model, reward_fns, kwargs, batch_prompts, tokenizer, args, device)
         batch = sampled.batch
-        rewards = sampled.rewards @ weights
+        rewards = total_rewards(sampled.rewards, weights)
         advantages, group_std = group_advantages(rewards, args.num_generations, args.scale_rewards)
         mask = (batch["labels"] != -100).float()
         n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)
@@ -320,14 +377,22 @@ def main(argv=None):
         grad_norm /= args.num_iterations
 
         if step % args.log_every == 0 or step == args.max_steps:
-            reward, reward_std = common.global_mean_std(rewards, device)
+            reward, reward_std = scored_mean_std(rewards, device)
+            # each source's mean over the responses it scored (TRL's nanmean)
+            per_source = common.all_sum(sampled.rewards.nansum(0).tolist() + (~sampled.rewards.isnan()).sum(0).tolist(),
+                                        device)
+            source_means = {f"rewards/{name}": total / n if n else math.nan
+                            for name, total, n in zip(names, per_source, per_source[len(names):])}
+            reward_fn_metrics = common.Sums()  # every rank's functions must log the same names, as in TRL
+            reward_fn_metrics.add({name: sum(values) / len(values) for name, values in step_metrics.items()})
             responses = common.Sums()
-            responses.add({**dict(zip((f"rewards/{name}" for name in names), sampled.rewards.sum(0))),
-                           "frac_reward_zero_std": (group_std == 0).sum() * args.num_generations,
+            responses.add({"frac_reward_zero_std": (group_std == 0).sum() * args.num_generations,
                            "completions/mean_length": mask.sum(),
                            "completions/clipped_ratio": (~sampled.has_eos).sum()})
             logger.log(step, {
-                "reward": reward, "reward_std": reward_std, **common.means(responses.total(device), n_sequences),
+                "reward": reward, "reward_std": reward_std, **source_means,
+                **common.means(responses.total(device), n_sequences),
+                **(common.means(reward_fn_metrics.total(device), common.world()) if step_metrics else {}),
                 # the update's means over its num_iterations optimizer steps
                 **{name: value / args.num_iterations for name, value in sums.total(device).items()},
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens/s": logger.tokens_per_second(device),
@@ -337,7 +402,7 @@ def main(argv=None):
             logger.bar.write(f"[step {step}] {tokenizer.decode(batch_prompts[0]['prompt'], skip_special_tokens=True)!r}"
                              f" -> {tokenizer.decode(response)!r} (reward {float(rewards[0]):.3f})")
         if (toy or heldout) and (step == args.max_steps or (args.eval_every and step % args.eval_every == 0)):
-            logger.log(step, evaluation())
+            logger.log(step, evaluation(step))
         logger.update()
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import zlib
@@ -180,19 +181,118 @@ def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_pa
 @pytest.mark.parametrize("body, message", [
     ("raise ValueError('no answer column')", "reward function bad raised ValueError: no answer column"),
     ("return [1.0]", "reward function bad returned 1 values for 2 completions"),
-    ("return [1.0, float('nan')]", "reward function bad returned nan; rewards must be finite numbers"),
+    ("return [1.0, float('nan')]", "reward function bad returned nan; rewards must be finite real numbers or None"),
+    ("return [1.0, '0.5']", "reward function bad returned '0.5'; rewards must be finite real numbers or None"),
+    ("return [1.0, torch.ones(2)]", "reward function bad returned tensor([1., 1.]); rewards must be finite real"),
     ("return None", "reward function bad returned NoneType for 2 completions"),
 ])
 def test_a_failing_reward_function_is_named_in_one_line(tmp_path, body, message):
     path = tmp_path / "rewards.py"
-    path.write_text(f"def bad(prompts, completions, **columns):\n    {body}\n")
+    path.write_text(f"import torch\ndef bad(prompts, completions, **columns):\n    {body}\n")
     name, fn = grpo.load_reward_fn(f"{path}:bad")
-    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
-        grpo.call_reward_fn(name, fn, ["p", "q"], ["a", "b"], {})
+    with pytest.raises(common.UserError, match=re.escape(message)):
+        grpo.call_reward_fn(name, fn, ["p", "q"], ["a", "b"], [[1], [2]], {}, grpo.reward_kwargs(0, 1, print))
     with pytest.raises(common.UserError, match="has no function 'absent'"):
         grpo.load_reward_fn(f"{path}:absent")
     with pytest.raises(common.UserError, match="expected path/to/file.py:function"):
         grpo.load_reward_fn("rewards:bad")
+
+
+# Reward functions as written for TRL's GRPOTrainer: trl.rewards' shapes (completions of one message, None for
+# an unparseable gold answer, log_extra, a callable class with its own __name__), completion_ids and
+# trainer_state, numpy and 0-d tensor numbers.
+TRL_REWARDS = """
+import numpy as np
+import torch
+
+
+def accuracy_reward(completions, solution, log_extra=None, **kwargs):
+    contents = [completion[0]["content"] for completion in completions]
+    if log_extra is not None:
+        log_extra("solution", list(solution))
+    return [None if sol == "?" else float(sol in content) for content, sol in zip(contents, solution)]
+
+
+class LengthReward:
+    def __call__(self, completion_ids, trainer_state, log_metric, solution, **kwargs):
+        log_metric("seen", len(completion_ids))
+        log_metric("global_step", trainer_state.global_step)
+        return [None if sol == "?" else np.int64(len(ids)) for ids, sol in zip(completion_ids, solution)]
+
+
+class _Cosine:
+    __name__ = "cosine_scaled_reward"
+
+    def __call__(self, completions, completion_ids, **kwargs):
+        return [torch.tensor(0.25), np.float32(0.5), np.array(2.0), True]
+
+
+length_reward = LengthReward()
+cosine = _Cosine()
+"""
+
+
+def test_trl_reward_functions_run_unchanged(tmp_path):
+    path = tmp_path / "trl_rewards.py"
+    path.write_text(TRL_REWARDS)
+    logged = []
+    kwargs = grpo.reward_kwargs(3, 10, lambda name, value: logged.append((name, value)))
+    completions = [[{"role": "assistant", "content": c}] for c in ("so 7", "so 8", "so 7", "so 7")]
+    ids, columns = [[5, 6], [5, 6, 2], [5], [5]], {"solution": ["7", "7", "?", "?"]}
+    calls = {spec: grpo.load_reward_fn(f"{path}:{spec}") for spec in ("accuracy_reward", "length_reward", "cosine")}
+    assert [name for name, _ in calls.values()] == ["accuracy_reward", "LengthReward", "cosine_scaled_reward"]
+    out = {spec: grpo.call_reward_fn(name, fn, ["p"] * 4, completions, ids, columns, kwargs)
+           for spec, (name, fn) in calls.items()}
+    assert out["accuracy_reward"][:2] == [1.0, 0.0] and all(map(math.isnan, out["accuracy_reward"][2:]))
+    assert out["length_reward"][:2] == [2.0, 3.0] and all(map(math.isnan, out["length_reward"][2:]))
+    assert out["cosine"] == [0.25, 0.5, 2.0, 1.0] and all(type(r) is float for r in out["cosine"])
+    assert logged == [("seen", 4), ("global_step", 3)]
+
+
+def test_total_rewards_skip_none_and_leave_the_unscored_nan():
+    nan = math.nan
+    rewards = torch.tensor([[1.0, nan], [nan, nan], [nan, 2.0], [1.0, 2.0]])
+    total = grpo.total_rewards(rewards, torch.tensor([1.0, 0.5]))
+    assert total[[0, 2, 3]].tolist() == [1.0, 1.0, 2.0] and total[1].isnan()
+
+
+def test_group_advantages_leave_unscored_responses_out():
+    nan = math.nan
+    rewards = torch.tensor([1.0, nan, 3.0, 5.0, nan, nan])  # two groups of G = 3, 2 and 1 responses scored
+    none, group_std = grpo.group_advantages(rewards, 3, "none")
+    assert none.tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert group_std[0].item() == pytest.approx(2 ** 0.5) and group_std[1].isnan()  # (1 + 1) / (2 - 1)
+    group, _ = grpo.group_advantages(rewards, 3, "group")
+    torch.testing.assert_close(group, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (2 ** 0.5 + 1e-4))
+    batch, _ = grpo.group_advantages(rewards, 3, "batch")  # scored 1, 3, 5: std ((4 + 0 + 4) / 2) ** 0.5 = 2
+    torch.testing.assert_close(batch, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (2 + 1e-4))
+
+
+def test_a_run_with_trl_reward_functions_skips_none(tiny_model, tmp_path, monkeypatch):
+    rewards = tmp_path / "trl_rewards.py"
+    rewards.write_text(TRL_REWARDS)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "tell me about animals :"}], "solution": "cat"})
+                    + "\n" + json.dumps({"prompt": [{"role": "user", "content": "tell me about music :"}],
+                                         "solution": "?"}) + "\n")
+    tokenizer = models.load_tokenizer(tiny_model)
+    cat, dog = tokenizer.convert_tokens_to_ids(["cat", "dog"])
+    # the 2 responses of each prompt: "cat" (accuracy 1, 2 ids with EOS) and "dog dog" (accuracy 0, 3 ids)
+    monkeypatch.setattr(common, "generate_completions", lambda policy, prompts, *_: [
+        [cat, tokenizer.eos_token_id] if i % 2 == 0 else [dog, dog, tokenizer.eos_token_id] for i in range(len(prompts))])
+    out = str(tmp_path / "out")
+    with pytest.warns(UserWarning, match="every reward function returned None for a response"):
+        grpo.main(["--model", tiny_model, "--data", str(data), "--output_dir", out, "--max_steps", "1",
+                   "--batch_size", "2", "--num_generations", "2", "--max_new_tokens", "4", "--max_length", "64",
+                   "--num_sample_generations", "0", "--reward_fn", f"{rewards}:accuracy_reward",
+                   "--reward_fn", f"{rewards}:length_reward", "--reward_weights", "1", "0.5"])
+    (row,) = read_metrics(out)
+    # music's responses have no reward: only animals' count, 1 + 0.5 * 2 = 2 and 0 + 0.5 * 3 = 1.5
+    assert row["rewards/accuracy_reward"] == 0.5 and row["rewards/LengthReward"] == 2.5
+    assert row["reward"] == pytest.approx(1.75) and row["reward_std"] == pytest.approx(0.125 ** 0.5)
+    assert row["frac_reward_zero_std"] == 0.0  # music's group has no std, not a zero one
+    assert row["seen"] == 4.0 and row["global_step"] == 0.0  # log_metric, before the first update
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
 
 
 # ---------------------------------------------------------------- the same run over micro-batches and ranks
