@@ -31,12 +31,9 @@ models set e.g. --lr 1e-6. The reward on the toy data is the gold score (toy/rew
     torchrun --nproc_per_node=8 grpo.py --model my/sft --data math.jsonl --reward_fn verify.py:accuracy --lr 1e-6
     python grpo.py --loss_type dr_grpo --scale_rewards none  # Dr. GRPO;  --epsilon_high 0.28: DAPO's clip-higher
 """
-import importlib.util
 import math
-import numbers
 import os
 import warnings
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -47,6 +44,7 @@ import common
 import formats
 import logprobs
 import models
+import reward_functions
 import rm
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
@@ -126,68 +124,6 @@ def grpo_step(logps, entropy, old_logps, ref_logps, advantages, mask, n_sequence
                   "entropy": (entropy * mask).sum() / n_tokens}
 
 
-def load_reward_fn(spec):
-    """`path/to/file.py:name` -> (label, the function or callable object `name`). The label, TRL's, names its
-    `rewards/<label>` metric: the function's __name__, else the object's class name."""
-    path, _, name = spec.rpartition(":")
-    if not path.endswith(".py") or not name:
-        raise common.UserError(f"--reward_fn {spec}: expected path/to/file.py:function")
-    if not os.path.isfile(path):
-        raise common.UserError(f"--reward_fn {spec}: no such file {path}")
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(f"reward_{name}", path))
-    try:
-        module.__loader__.exec_module(module)
-    except Exception as e:
-        raise common.UserError(f"--reward_fn {spec}: importing {path} raised {type(e).__name__}: {e}") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise common.UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
-    return getattr(fn, "__name__", type(fn).__name__), fn
-
-
-def reward_kwargs(global_step, max_steps, log_metric):
-    """The keywords TRL's GRPOTrainer gives every reward function besides the data columns. trainer_state has
-    TrainerState's global_step (updates done) and max_steps; log_metric(name, value) adds a scalar to the
-    step's metrics; log_extra(column, values) adds columns to TRL's completions table, which grpo.py has not,
-    so it does nothing."""
-    return {"trainer_state": SimpleNamespace(global_step=global_step, max_steps=max_steps),
-            "log_extra": lambda column, values: None, "log_metric": log_metric}
-
-
-def real_reward(r):
-    """One returned reward as a float: NaN for None (TRL's "no reward for this sample"); None if it is not a
-    real number (Python, numpy, or a 0-d tensor or array)."""
-    if r is None:
-        return math.nan
-    if getattr(r, "shape", None) == ():
-        r = r.item()
-    return float(r) if isinstance(r, numbers.Real) and math.isfinite(r) else None
-
-
-def call_reward_fn(name, fn, prompts, completions, completion_ids, columns, kwargs):
-    """fn(prompts=, completions=, completion_ids=, **columns, **kwargs) as a list of floats, NaN for None;
-    anything else is a UserError naming fn."""
-    try:
-        out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **kwargs)
-    except Exception as e:
-        raise common.UserError(f"reward function {name} raised {type(e).__name__}: {e}") from e
-    if not isinstance(out, (list, tuple)) or len(out) != len(completions):
-        got = f"{len(out)} values" if isinstance(out, (list, tuple)) else type(out).__name__
-        raise common.UserError(f"reward function {name} returned {got} for {len(completions)} completions; "
-                               "it must return one float (or None) per completion")
-    rewards = [real_reward(r) for r in out]
-    if None in rewards:
-        raise common.UserError(f"reward function {name} returned {out[rewards.index(None)]!r}; "
-                               "rewards must be finite real numbers or None")
-    return rewards
-
-
-def total_rewards(rewards, weights):
-    """(N, sources) rewards, NaN where a source gave none -> (N,) weighted sums over the sources that did,
-    NaN where none did (TRL's nansum, the unscorable left out)."""
-    return torch.where(rewards.isnan().all(1), torch.nan, (rewards * weights).nansum(1))
-
-
 class Rollout(NamedTuple):
     """Sampled responses and their no-grad scores: the scoring batch (batching.collate layout, the G responses
     of a prompt in consecutive rows), has_eos (N,), the rewards of each source (N, sources), and the policy's
@@ -213,8 +149,8 @@ def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts,
     rows = [p["row"] for p in expanded]
     texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
-    rewards = [call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns, reward_kwargs)
-               for name, fn in reward_fns]
+    rewards = [reward_functions.call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns,
+                                               reward_kwargs) for name, fn in reward_fns]
     parts = {"old_logps": [], "ref_logps": [], "scores": []}
     with common.evaluating(policy):
         for i in range(0, len(expanded), size):
@@ -243,8 +179,8 @@ def heldout_metrics(policy, ref_model, reward_model, reward_fns, reward_kwargs, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            rewards = total_rewards(rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk,
-                                            tokenizer, args, device).rewards, weights)
+            sampled = rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk, tokenizer, args, device)
+            rewards = reward_functions.total_rewards(sampled.rewards, weights)
             sums.add({"reward": rewards.nansum(), "scored": (~rewards.isnan()).sum()})
     totals = sums.total(device)
     return {"eval/reward": totals["reward"] / totals["scored"] if totals["scored"] else math.nan}
@@ -259,8 +195,9 @@ def parse_args(argv=None):
     p.add_argument("--reward_weights", type=float, nargs="+", default=None,
                    help="one weight per --reward_fn, then the --reward_model (default: all 1)")
     p.add_argument("--num_generations", type=int, default=8, help="G, responses sampled per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling; a response ends earlier at the tokenizer's EOS or "
-                   "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
+    p.add_argument("--max_new_tokens", type=int, default=32,
+                   help="response length limit when sampling; a response ends earlier at the tokenizer's EOS or "
+                        "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model; DeepSeekMath: 0.04)")
     p.add_argument("--epsilon", type=float, default=0.2, help="eps_low, the clip below 1")
@@ -301,7 +238,7 @@ def main(argv=None):
     ensure_model(args.model)
     device = common.setup(args)
 
-    reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    reward_fns = [reward_functions.load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
     ref_model = reward_model = None
     if args.beta > 0:
@@ -336,7 +273,7 @@ def main(argv=None):
     start = state.resume()
 
     def evaluation(step):  # the held-out rollouts' log_metric values are not logged
-        kwargs = reward_kwargs(step, args.max_steps, log_metric=lambda name, value: None)
+        kwargs = reward_functions.reward_kwargs(step, args.max_steps, log_metric=lambda name, value: None)
         return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_metrics(
             policy, ref_model, reward_model, reward_fns, kwargs, weights, heldout, tokenizer, args, device)
             if heldout else {})}
@@ -354,10 +291,10 @@ def main(argv=None):
     for step in range(start + 1, args.max_steps + 1):
         batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args) for p in mb]
         step_metrics.clear()
-        kwargs = reward_kwargs(step - 1, args.max_steps, log_metric)
+        kwargs = reward_functions.reward_kwargs(step - 1, args.max_steps, log_metric)
         sampled = rollout(policy, ref_model, reward_model, reward_fns, kwargs, batch_prompts, tokenizer, args, device)
         batch = sampled.batch
-        rewards = total_rewards(sampled.rewards, weights)
+        rewards = reward_functions.total_rewards(sampled.rewards, weights)
         advantages, group_std = group_advantages(rewards, args.num_generations, args.scale_rewards)
         mask = (batch["labels"] != -100).float()
         n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)

@@ -160,8 +160,9 @@ def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "prompts.jsonl"), model=SFT_MODEL_DIR,
                            lr=3e-4, max_steps=100, batch_size=16, output_dir="out/ppo", real_lr="1e-6")
     p.add_argument("--reward_model", default="out/rm", help="the reward model: a directory rm.py wrote")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="response length limit when sampling; a response ends earlier at the tokenizer's EOS or "
-                   "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
+    p.add_argument("--max_new_tokens", type=int, default=32,
+                   help="response length limit when sampling; a response ends earlier at the tokenizer's EOS or "
+                        "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
     p.add_argument("--kl_coef", type=float, default=0.05,
                    help="weight of the per-token KL penalty to the reference in the reward: higher keeps the policy "

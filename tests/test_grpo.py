@@ -16,6 +16,7 @@ import common  # noqa: E402
 import formats  # noqa: E402
 import grpo  # noqa: E402
 import models  # noqa: E402
+import reward_functions  # noqa: E402
 from toy.rewards import gold_reward  # noqa: E402
 from toy.task import DATA_DIR, TOPIC_WORDS  # noqa: E402
 
@@ -159,8 +160,9 @@ def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_pa
     common.set_sampling(policy, args, tokenizer)
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"]]
     prompts = [{**ex, "row": row} for ex, row in zip(formats.tokenize(rows, tokenizer, 64, ()), rows)]
-    reward_fns = [grpo.load_reward_fn(os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward")]
-    sampled = grpo.rollout(policy, None, None, reward_fns, prompts, tokenizer, args, CPU)
+    reward_fns = [reward_functions.load_reward_fn(os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward")]
+    sampled = grpo.rollout(policy, None, None, reward_fns, reward_functions.reward_kwargs(0, 1, print), prompts,
+                           tokenizer, args, CPU)
     # each of the 2 * 2 responses is the one token <end_of_turn>, not 8 tokens running past it
     assert sampled.batch["labels"].tolist() == [[end_of_turn]] * 4
     assert sampled.has_eos.tolist() == [True] * 4
@@ -189,13 +191,13 @@ def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_pa
 def test_a_failing_reward_function_is_named_in_one_line(tmp_path, body, message):
     path = tmp_path / "rewards.py"
     path.write_text(f"import torch\ndef bad(prompts, completions, **columns):\n    {body}\n")
-    name, fn = grpo.load_reward_fn(f"{path}:bad")
+    name, fn = reward_functions.load_reward_fn(f"{path}:bad")
     with pytest.raises(common.UserError, match=re.escape(message)):
-        grpo.call_reward_fn(name, fn, ["p", "q"], ["a", "b"], [[1], [2]], {}, grpo.reward_kwargs(0, 1, print))
+        reward_functions.call_reward_fn(name, fn, ["p", "q"], ["a", "b"], [[1], [2]], {}, reward_functions.reward_kwargs(0, 1, print))
     with pytest.raises(common.UserError, match="has no function 'absent'"):
-        grpo.load_reward_fn(f"{path}:absent")
+        reward_functions.load_reward_fn(f"{path}:absent")
     with pytest.raises(common.UserError, match="expected path/to/file.py:function"):
-        grpo.load_reward_fn("rewards:bad")
+        reward_functions.load_reward_fn("rewards:bad")
 
 
 # Reward functions as written for TRL's GRPOTrainer: trl.rewards' shapes (completions of one message, None for
@@ -236,12 +238,12 @@ def test_trl_reward_functions_run_unchanged(tmp_path):
     path = tmp_path / "trl_rewards.py"
     path.write_text(TRL_REWARDS)
     logged = []
-    kwargs = grpo.reward_kwargs(3, 10, lambda name, value: logged.append((name, value)))
+    kwargs = reward_functions.reward_kwargs(3, 10, lambda name, value: logged.append((name, value)))
     completions = [[{"role": "assistant", "content": c}] for c in ("so 7", "so 8", "so 7", "so 7")]
     ids, columns = [[5, 6], [5, 6, 2], [5], [5]], {"solution": ["7", "7", "?", "?"]}
-    calls = {spec: grpo.load_reward_fn(f"{path}:{spec}") for spec in ("accuracy_reward", "length_reward", "cosine")}
+    calls = {spec: reward_functions.load_reward_fn(f"{path}:{spec}") for spec in ("accuracy_reward", "length_reward", "cosine")}
     assert [name for name, _ in calls.values()] == ["accuracy_reward", "LengthReward", "cosine_scaled_reward"]
-    out = {spec: grpo.call_reward_fn(name, fn, ["p"] * 4, completions, ids, columns, kwargs)
+    out = {spec: reward_functions.call_reward_fn(name, fn, ["p"] * 4, completions, ids, columns, kwargs)
            for spec, (name, fn) in calls.items()}
     assert out["accuracy_reward"][:2] == [1.0, 0.0] and all(map(math.isnan, out["accuracy_reward"][2:]))
     assert out["length_reward"][:2] == [2.0, 3.0] and all(map(math.isnan, out["length_reward"][2:]))
@@ -252,7 +254,7 @@ def test_trl_reward_functions_run_unchanged(tmp_path):
 def test_total_rewards_skip_none_and_leave_the_unscored_nan():
     nan = math.nan
     rewards = torch.tensor([[1.0, nan], [nan, nan], [nan, 2.0], [1.0, 2.0]])
-    total = grpo.total_rewards(rewards, torch.tensor([1.0, 0.5]))
+    total = reward_functions.total_rewards(rewards, torch.tensor([1.0, 0.5]))
     assert total[[0, 2, 3]].tolist() == [1.0, 1.0, 2.0] and total[1].isnan()
 
 
