@@ -98,36 +98,34 @@ def test_exact_resume_after_preemption(data, straight, tmp_path, monkeypatch):
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]  # appended, nothing twice
 
 
+def assert_resumes_exactly(main, flags, tmp_path, monkeypatch):
+    """A run pre-empted during step 3 and resumed ends where the straight run does: weights bit for bit, the
+    same metrics rows, none twice."""
+    straight_out, out = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    main(flags + ["--output_dir", straight_out])
+    sigterm_during_step(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        main(flags + ["--output_dir", out])
+    monkeypatch.undo()
+    main(flags + ["--output_dir", out, "--resume"])
+    assert same_weights(straight_out, out)
+    assert rows(out) == rows(straight_out) and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_dpo_exact_resume_after_preemption(tmp_path, monkeypatch, tiny_model):
     """The same for dpo.py, with SamPO on: its random token draws must also continue exactly."""
     data = tmp_path / "pairs.jsonl"
     with open(os.path.join(DATA_DIR, "pairs.jsonl")) as f:
         data.write_text("".join(f.readlines()[:32]))
-    flags = FLAGS + ["--model", tiny_model, "--data", str(data), "--sampo"]
-    straight_out, out = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    dpo.main(flags + ["--output_dir", straight_out])
-    sigterm_during_step(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        dpo.main(flags + ["--output_dir", out])
-    monkeypatch.undo()
-    dpo.main(flags + ["--output_dir", out, "--resume"])
-    assert same_weights(straight_out, out)
-    assert rows(out) == rows(straight_out) and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert_resumes_exactly(dpo.main, FLAGS + ["--model", tiny_model, "--data", str(data), "--sampo"], tmp_path,
+                           monkeypatch)
 
 
 def test_bf16_exact_resume_after_preemption(data, tmp_path, monkeypatch):
     """bf16 compute on float32 masters: checkpoint-N holds the float32 weights and moments, so a resumed run
     ends bit for bit where the straight one does (saved in float32 here, to compare the masters themselves)."""
-    flags = FLAGS + ["--data", data, "--dtype", "bfloat16", "--save_dtype", "float32"]
-    straight_out, out = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    sft.main(flags + ["--output_dir", straight_out])
-    sigterm_during_step(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        sft.main(flags + ["--output_dir", out])
-    monkeypatch.undo()
-    sft.main(flags + ["--output_dir", out, "--resume"])
-    assert same_weights(straight_out, out)
-    assert rows(out) == rows(straight_out) and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert_resumes_exactly(sft.main, FLAGS + ["--data", data, "--dtype", "bfloat16", "--save_dtype", "float32"],
+                           tmp_path, monkeypatch)
 
 
 def test_fresh_run_refuses_to_mix_with_an_earlier_runs_checkpoints(data, tmp_path, monkeypatch):
