@@ -52,7 +52,8 @@ def collate_pairs(examples, pad_id, device):
     """Chosen rows, then rejected rows: one forward serves both halves."""
     prompts = [e["prompt"] for e in examples] * 2
     completions = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    return collate(prompts, completions, pad_id, device)
+    masks = [e.get("chosen_mask") for e in examples] + [e.get("rejected_mask") for e in examples]
+    return collate(prompts, completions, pad_id, device, masks)
 
 
 def collate_prompts(examples, pad_id, device):

@@ -52,7 +52,8 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, epilog=(
         "The defaults are tuned for the bundled toy task (a 1M-parameter model, learning fast). On a real model "
         f"set --model, --data, --lr (usually about {real_lr} here), --max_steps and --max_length."))
-    p.add_argument("--model", default=model, help="the model to train: a local Hugging Face directory or a hub id")
+    p.add_argument("--model", default=None, help="the model to train: a local Hugging Face directory or a hub id "
+                   "(default: the toy task's model, for the toy data only)")
     p.add_argument("--data", default=data, help="training data, JSONL")
     p.add_argument("--eval_data", default=None, help="held-out data in the same shape as --data, scored under eval/ "
                    "at the start, every --eval_every steps and at the end (default: none; the toy task's "
@@ -99,7 +100,8 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
                    help="pack sequences into rows without padding (default: on where a start-up check shows the "
                         "model honours packed position_ids, else padded)")
-    p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file))
+    p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file), toy_model=model,
+                   toy_data_dir=os.path.dirname(data))
     return p
 
 
@@ -114,7 +116,13 @@ def check_range(args, name, low=None, high=None, above=None):
 
 
 def check_args(args):
-    """The shared flags' ranges; the default held-out file as --eval_data beside its data; the --output_dir rule."""
+    """The shared flags' ranges; the toy model as --model for the toy data only; the default held-out file as
+    --eval_data beside its data; the --output_dir rule."""
+    if args.model is None:
+        if os.path.dirname(os.path.abspath(args.data)) != os.path.abspath(args.toy_data_dir):
+            raise UserError(f"{args.data}: give --model, the model to train on this data (without it, only the toy "
+                            "task's data trains the bundled toy model)")
+        args.model = args.toy_model
     beside = getattr(args, "default_eval_data", None)
     if args.eval_data is None and beside and os.path.dirname(os.path.abspath(args.data)) == os.path.dirname(beside):
         args.eval_data = beside

@@ -1,6 +1,7 @@
 """Data files -> token ids: the accepted JSONL shapes, their validation (one line naming the file and
 line), tokenization with the chat template, and the --max_length rule (README: Bring your own data).
 """
+import bisect
 import json
 import os
 import sys
@@ -191,53 +192,94 @@ def encode_prompt(tokenizer, prompt, where="?"):
     return tokenizer(prompt).input_ids
 
 
-def chat_pieces(tokenizer, prompt, completion, where):
-    """The text after the prompt through the last assistant turn, as (text, scored) pieces.
+def turn_ends(tokenizer):
+    """The ids that can end an assistant turn: the tokenizer's special tokens (its EOS, and added ones such as
+    Gemma's <end_of_turn>, Phi-3's <|end|> or Llama 3's <|eot_id|>)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
-    Each assistant turn of `completion` is scored from where the template starts generating it
-    (the render of the messages before it with add_generation_prompt) to the end of the render
-    through it; user turns and role headers between are not. No template syntax is assumed, but
-    each render must be the start of the whole conversation's.
+
+def chat_turns(tokenizer, prompt, completion, where):
+    """The whole conversation's text, where its prompt ends, and each assistant turn of `completion` as
+    (start, content end, end) character positions in that text.
+
+    A turn starts where the template starts generating it (the render of the messages before it with
+    add_generation_prompt) and ends where the render through it stops matching the whole conversation
+    (Phi-3's template ends every render with an EOS that only the last turn keeps). No template syntax is
+    assumed, but each render up to a generation prompt must be the start of the whole conversation's.
     """
     chat = prompt + completion
 
     def render(n, generation=False):
         return render_chat(tokenizer, chat[:n], generation, where)
 
-    full, pos, pieces = render(len(chat)), len(render(len(prompt), True)), []
+    full = render(len(chat))
+    boundary = pos = len(render(len(prompt), True))
+    turns = []
     for i in range(len(prompt), len(chat)):
         if chat[i]["role"] != "assistant":
             continue
-        head, end = render(i, True), render(i + 1)
-        if not (full.startswith(head) and full.startswith(end) and pos <= len(head) <= len(end)):
+        head, end = render(i, True), len(os.path.commonprefix([render(i + 1), full]))
+        content = chat[i]["content"].strip()  # templates may trim it
+        found = full.find(content, len(head), end) if content else len(head)
+        if not (full.startswith(head) and pos <= len(head) <= end) or found < 0:
             raise UserError(f"{where}: the chat template renders messages 1-{i + 1} differently from the start of the "
                             "whole conversation (it rewrites earlier turns), so the assistant turns cannot be "
                             "located; use a template that renders each turn the same way, or one reply per row")
-        pieces += [(full[pos: len(head)], False), (full[len(head): len(end)], True)]
-        pos = len(end)
-    return [(text, scored) for text, scored in pieces if text]
+        turns.append((len(head), found + len(content), end))
+        pos = end
+    return full, boundary, turns
 
 
-def encode_completion(tokenizer, prompt, completion, where="?"):
-    """(ids, mask): completion ids ending in exactly one EOS, and None when every id is scored, else a
-    0/1 list over the ids (a chat whose completion holds later user turns: 1 on assistant tokens only).
+def encode_whole(tokenizer, prompt, completion, ends, where):
+    """(ids, n_prompt, mask, straddles): prompt + completion tokenized once, as one text, the way the model
+    reads it at inference; ids[:n_prompt] are the tokens inside the prompt's text, mask marks the scored ids.
 
-    An assistant turn is scored through the last EOS the template writes in it (all of it if none);
-    what follows (the template's newline, the next turn) is not. The completion ends after its last
-    scored token, with an EOS appended if the template wrote none.
+    Chat: an assistant turn is scored from its start through the first of `ends` after its content (the
+    template's end-of-turn marker; the whole turn if it writes none), and nothing after that; nothing is
+    appended. Plain text: the completion's tokens and an appended EOS. A token spanning the prompt's end
+    (`straddles`: the two merge) belongs to the completion, so the prompt ids stay a prefix of the whole.
     """
-    eos = tokenizer.eos_token_id
-    pieces = chat_pieces(tokenizer, prompt, completion, where) if isinstance(completion, list) else [(completion, True)]
-    ids, mask = [], []
-    for text, scored in pieces:
-        piece = tokenizer(text, add_special_tokens=False).input_ids
-        n = (len(piece) - piece[::-1].index(eos) if eos in piece else len(piece)) if scored else 0
-        ids, mask = ids + piece, mask + [1] * n + [0] * (len(piece) - n)
-    end = len(mask) - mask[::-1].index(1) if 1 in mask else 0
-    ids, mask = ids[:end], mask[:end]
-    if not ids or ids[-1] != eos:
-        ids, mask = ids + [eos], mask + [1]
-    return ids, None if all(mask) else mask
+    if isinstance(completion, list):
+        text, boundary, turns = chat_turns(tokenizer, prompt, completion, where)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc.input_ids, enc.offset_mapping
+    else:
+        text, boundary = prompt + completion, len(prompt)
+        turns = [(boundary, len(text), len(text))]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        bare, ids = enc.input_ids, tokenizer(text).input_ids  # with the BOS (or other prefix) it adds
+        lead = next(i for i in range(len(ids) - len(bare) + 1) if ids[i: i + len(bare)] == bare)
+        ids, offsets = ids[: lead + len(bare)], [(0, 0)] * lead + enc.offset_mapping
+    starts, stops = [a for a, _ in offsets], [b for _, b in offsets]
+    n_prompt = bisect.bisect_right(stops, boundary)
+    mask = [0] * len(ids)
+    for start, content_end, end in turns:
+        first = bisect.bisect_left(starts, content_end)
+        marker = next((j for j in range(first, len(ids)) if starts[j] < end and ids[j] in ends), None)
+        scored_end = end if marker is None or starts[marker] >= end else stops[marker]
+        for j in range(bisect.bisect_right(stops, start), bisect.bisect_left(starts, scored_end)):
+            mask[j] = 1
+    straddles = n_prompt < len(ids) and starts[n_prompt] < boundary
+    if not isinstance(completion, list) and ids[-1] != tokenizer.eos_token_id:
+        ids, mask = ids + [tokenizer.eos_token_id], mask + [1]
+    return ids, n_prompt, mask, straddles
+
+
+def encode_example(tokenizer, prompt, completions, ends, where="?"):
+    """(prompt ids, [(completion ids, mask or None)], whether a completion merges with the prompt): each
+    prompt + completion tokenized once (encode_whole); the prompt ids are the longest start they share, so
+    a pair's two completions follow the same prompt. A completion ends after its last scored token; mask
+    is None when every id is scored, else a 0/1 list (user turns of an SFT conversation: 0)."""
+    encoded = [encode_whole(tokenizer, prompt, c, ends, where) for c in completions]
+    shared = min(n for _, n, _, _ in encoded)
+    while shared and any(ids[:shared] != encoded[0][0][:shared] for ids, _, _, _ in encoded):
+        shared -= 1
+    out = []
+    for ids, _, mask, _ in encoded:
+        ids, mask = ids[shared:], mask[shared:]
+        end = len(mask) - mask[::-1].index(1) if 1 in mask else 0
+        out.append((ids[:end], None if all(mask[:end]) else mask[:end]))
+    return encoded[0][0][:shared], out, any(s for _, _, _, s in encoded)
 
 
 def truncate(prompt_ids, completion_lens, max_length):
@@ -255,21 +297,24 @@ def tokenize(rows, tokenizer, max_length, fields):
     """Tokenize each row into {"prompt": ids, field: ids for field in fields, "label"?, "completion_mask"?}.
 
     `fields` are the completion fields: ("completion",), ("chosen", "rejected"), or () for prompts.
-    The prompt is tokenized once and shared by a pair's two completions. A multi-turn chat (SFT) also
-    gets "completion_mask", 0/1 over the completion ids: its user turns and role headers sit in the
-    completion but are never scored (collate's `masks`).
-    The first completion token is
+    Each prompt + completion is tokenized once, as one text (encode_example); the prompt ids are shared by
+    a pair's two completions. A multi-turn chat (SFT) also gets "completion_mask", 0/1 over the completion
+    ids: its user turns and role headers sit in the completion but are never scored (collate's `masks`).
+    Prompts alone (fields ()) are tokenized as generation will see them. The first completion token is
     always predicted from a prompt token (BOS, for an empty prompt), never from padding: a prompt of zero
     tokens is an error, and so is a max_length that cannot keep one prompt token and a whole completion.
     """
-    examples, cut_at, unfit = [], [], []
+    examples, cut_at, unfit, merged, ends = [], [], [], [], turn_ends(tokenizer)
     for row in rows:
         where = row.get("_where", "?")
-        prompt = encode_prompt(tokenizer, row["prompt"], where)
+        if fields:
+            prompt, encoded, merges = encode_example(tokenizer, row["prompt"], [row[f] for f in fields], ends, where)
+            merged += [where] * merges
+        else:
+            prompt, encoded = encode_prompt(tokenizer, row["prompt"], where), []
         if not prompt:
             raise UserError(f"{where}: the prompt is empty after tokenization and this tokenizer adds no BOS "
                             "token, so no token would predict the completion's first token; give it a prompt")
-        encoded = [encode_completion(tokenizer, row["prompt"], row[f], where) for f in fields]
         need = 1 + max((len(ids) for ids, _ in encoded), default=0)  # one prompt token and the longest whole completion
         unfit += [(where, need)] * (need > max_length)
         prompt, budget, cut = truncate(prompt, [len(ids) for ids, _ in encoded] or [0], max_length)
@@ -283,6 +328,11 @@ def tokenize(rows, tokenizer, max_length, fields):
         raise UserError(f"{unfit[0][0]}: --max_length {max_length} cannot hold one prompt token and the whole "
                         f"completion, EOS included ({len(unfit)} of {len(rows)} examples); use --max_length "
                         f"{max(need for _, need in unfit)} or more")
+    if merged and rank() == 0:
+        print(f"warning: in {len(merged)} of {len(rows)} examples (the first at {merged[0]}) the prompt's end and the "
+              "completion's start merge into one token when tokenized together, as the model reads them; that token "
+              "is scored as the completion's. Start each completion with the space or newline that separates it "
+              "(prompt + completion is tokenized as one text)", file=sys.stderr)
     if cut_at and rank() == 0:
         print(f"warning: {len(cut_at)} of {len(rows)} examples (the first at {cut_at[0]}) are longer than "
               f"--max_length {max_length} and were truncated, not dropped (prompt from the left first, then the "

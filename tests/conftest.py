@@ -60,7 +60,7 @@ def no_bos_model(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("no_bos")
     backend = Tokenizer(models.WordLevel(AutoTokenizer.from_pretrained(tiny_model).get_vocab(), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
                             unk_token="<unk>").save_pretrained(out)
     for name in ("config.json", "model.safetensors"):

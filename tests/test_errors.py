@@ -33,27 +33,30 @@ STRICT = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System ro
           "<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
+TINY = ["--model", TINY_MODEL_DIR]  # a script given its own data needs --model
+
+
 def jsonl(*rows):
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
 
 # case id: (script, file contents or None for the toy data, extra flags, pieces the one error line must contain)
 CASES = {
-    "not_json": ("sft.py", jsonl(GOOD, "{'prompt': 'single quotes'}"), [], ["data.jsonl:2: not valid JSON"]),
-    "missing_field": ("sft.py", jsonl(GOOD, GOOD, {"prompt": "tell me :"}), [],
+    "not_json": ("sft.py", jsonl(GOOD, "{'prompt': 'single quotes'}"), TINY, ["data.jsonl:2: not valid JSON"]),
+    "missing_field": ("sft.py", jsonl(GOOD, GOOD, {"prompt": "tell me :"}), TINY,
                       ["data.jsonl:3: missing field 'completion'", "each line needs prompt, completion"]),
-    "messages_not_role_content": ("sft.py", jsonl({"prompt": [{"role": "user", "text": "hi"}], "completion": "x"}), [],
+    "messages_not_role_content": ("sft.py", jsonl({"prompt": [{"role": "user", "text": "hi"}], "completion": "x"}), TINY,
                                   ["data.jsonl:1: field 'prompt' must be a list of {'role': str, 'content': str}"]),
-    "completion_not_text": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": 7}), [],
+    "completion_not_text": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": 7}), TINY,
                             ["data.jsonl:2: field 'completion' must be a string or a list of messages, got 7"]),
-    "empty_completion": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": "  "}), [],
+    "empty_completion": ("sft.py", jsonl(GOOD, {"prompt": "tell me :", "completion": "  "}), TINY,
                          ["data.jsonl:2: field 'completion' is empty"]),
-    "empty_file": ("sft.py", "\n", [], ["data.jsonl: no examples; the file is empty"]),
-    "smaller_than_one_batch": ("sft.py", jsonl(GOOD, GOOD, GOOD), ["--batch_size", "2", "--grad_accum", "2"],
+    "empty_file": ("sft.py", "\n", TINY, ["data.jsonl: no examples; the file is empty"]),
+    "smaller_than_one_batch": ("sft.py", jsonl(GOOD, GOOD, GOOD), [*TINY, "--batch_size", "2", "--grad_accum", "2"],
                                ["data.jsonl: 3 examples is fewer than one global batch (4", "lower --batch_size"]),
-    "non_utf8": ("sft.py", jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "drum"}\n', [],
+    "non_utf8": ("sft.py", jsonl(GOOD).encode() + b'{"prompt": "caf\xe9", "completion": "drum"}\n', TINY,
                  ["data.jsonl:2: not valid UTF-8; re-encode the file as UTF-8"]),
-    "missing_data_file": ("sft.py", "absent", [], ["data.jsonl: no such data file"]),
+    "missing_data_file": ("sft.py", "absent", TINY, ["data.jsonl: no such data file"]),
     "model_path_missing": ("sft.py", None, ["--model", "/no/such/model"],
                            ["/no/such/model: no such model directory"]),
     "model_not_a_model_dir": ("sft.py", None, ["--model", os.path.join(ROOT, "toy")], ["toy: no config.json"]),
@@ -77,23 +80,25 @@ CASES = {
     "empty_prompt_without_bos": ("sft.py", jsonl(GOOD, {"prompt": "", "completion": "drum"}),
                                  ["--model", "NOBOS", "--batch_size", "1"],
                                  ["data.jsonl:2: the prompt is empty after tokenization", "adds no BOS token"]),
-    "max_length_too_small": ("sft.py", jsonl(GOOD, GOOD), ["--max_length", "2", "--batch_size", "1"],  # 3 words + EOS
+    "max_length_too_small": ("sft.py", jsonl(GOOD, GOOD), [*TINY, "--max_length", "2", "--batch_size", "1"],  # 3 words + EOS
                              ["data.jsonl:1: --max_length 2 cannot hold one prompt token and the whole completion",
                               "use --max_length 5 or more"]),
-    "grpo_no_reward": ("grpo.py", jsonl({"prompt": "tell me about music :"}), [],
+    "grpo_no_reward": ("grpo.py", jsonl({"prompt": "tell me about music :"}), TINY,
                        ["data.jsonl: no reward given; pass --reward_fn path/to/file.py:function or --reward_model"]),
     "grpo_reward_fn_absent": ("grpo.py", None, ["--model", TINY_MODEL_DIR, "--reward_fn", "toy/rewards.py:nope"],
                               ["--reward_fn toy/rewards.py:nope: toy/rewards.py has no function 'nope'"]),
+    "own_data_without_model": ("dpo.py", jsonl({"prompt": "hi", "chosen": " a", "rejected": " b"}), [],
+                               ["data.jsonl: give --model, the model to train on this data"]),
     "data_dir_missing": ("dpo.py", None, ["--model", TINY_MODEL_DIR, "--data", "/nonexistent/pairs.jsonl"],
                          ["/nonexistent/pairs.jsonl: no such data file"]),
     "kto_label_not_bool": ("kto.py", jsonl({**GOOD, "label": True}, {**GOOD, "label": "yes"}), ["--model", TINY_MODEL_DIR],
                            ["data.jsonl:2: field 'label' must be true or false, got \"yes\""]),
     # data shapes (the other refusals are in test_data.py): one line naming the file and line
-    "data_json_array": ("sft.py", json.dumps([GOOD, GOOD], indent=2), [],
+    "data_json_array": ("sft.py", json.dumps([GOOD, GOOD], indent=2), TINY,
                         ["data.jsonl:1: expected JSONL, one object per line; this is a JSON array"]),
-    "data_csv": ("sft.py", "prompt,completion\nhi,there\n", [],
+    "data_csv": ("sft.py", "prompt,completion\nhi,there\n", TINY,
                  ["data.jsonl:1: expected JSONL, one object per line; this looks like CSV"]),
-    "data_shape_changes": ("sft.py", jsonl({"messages": [USER, REPLY]}, GOOD), [],
+    "data_shape_changes": ("sft.py", jsonl({"messages": [USER, REPLY]}, GOOD), TINY,
                            ["data.jsonl:2: a prompt/completion text row, but the first row is messages"]),
     "chat_template_rewrites_turns": ("sft.py", jsonl({"messages": [USER, REPLY, USER, REPLY]}), ["--model", "REWRITING"],
                                      ["data.jsonl:1: the chat template renders messages 1-2 differently"]),
@@ -206,7 +211,7 @@ def test_long_prompts_are_truncated_with_a_warning(tmp_path):
     data, out = tmp_path / "data.jsonl", str(tmp_path / "out")
     long = {"prompt": "tell me about " + " and ".join(["music"] * 20) + " :", "completion": "drum flute"}
     data.write_text(jsonl(GOOD, long, GOOD, long))
-    proc = subprocess.run([sys.executable, "sft.py", "--data", str(data), "--output_dir", out, "--max_length", "16",
+    proc = subprocess.run([sys.executable, "sft.py", *TINY, "--data", str(data), "--output_dir", out, "--max_length", "16",
                            "--max_steps", "1", "--batch_size", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

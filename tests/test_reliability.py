@@ -26,9 +26,10 @@ import ppo
 import rm
 import sft
 from conftest import ROOT
-from toy.task import DATA_DIR
+from toy.task import DATA_DIR, TINY_MODEL_DIR
 
-FLAGS = ["--max_steps", "6", "--batch_size", "4", "--max_length", "64", "--log_every", "1", "--lr", "3e-3"]
+FLAGS = ["--model", TINY_MODEL_DIR,
+         "--max_steps", "6", "--batch_size", "4", "--max_length", "64", "--log_every", "1", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(data, straight, tmp_path
 
 def test_sigterm_saves_a_resumable_checkpoint(data, tmp_path):
     out = str(tmp_path)
-    flags = ["--data", data, "--output_dir", out, "--batch_size", "4", "--max_length", "64", "--log_every", "1"]
+    flags = ["--model", TINY_MODEL_DIR, "--data", data, "--output_dir", out,
+             "--batch_size", "4", "--max_length", "64", "--log_every", "1"]
     run = subprocess.Popen([sys.executable, "sft.py", *flags, "--max_steps", "100000"], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 300
@@ -257,7 +259,8 @@ def torchrun(*flags):
 def test_distributed_resume(data, tmp_path):
     """Under torchrun with FSDP2 on 2 ranks: resuming from checkpoint-2 gives the uninterrupted run's weights."""
     out, reference = str(tmp_path / "out"), str(tmp_path / "reference")
-    flags = ["--data", data, "--output_dir", out, "--max_steps", "4", "--batch_size", "2", "--max_length", "64",
+    flags = ["--model", TINY_MODEL_DIR, "--data", data, "--output_dir", out,
+             "--max_steps", "4", "--batch_size", "2", "--max_length", "64",
              "--log_every", "1", "--lr", "3e-3", "--save_every", "2", "--save_total_limit", "3"]
     torchrun(*flags)
     os.makedirs(reference)
@@ -298,7 +301,8 @@ def test_output_dir_on_a_node_local_disk_is_refused(data, tmp_path):
     with one line, instead of a checkpoint with zeros in it (or a hang)."""
     out, worker = tmp_path / "out", tmp_path / "worker.py"
     worker.write_text(NODE_LOCAL_DISK.format(root=ROOT))
-    flags = ["--data", data, "--output_dir", str(out), "--max_steps", "1", "--save_every", "1", "--batch_size", "2",
+    flags = ["--model", TINY_MODEL_DIR, "--data", data, "--output_dir", str(out),
+             "--max_steps", "1", "--save_every", "1", "--batch_size", "2",
              "--max_length", "64"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "--log-dir", str(tmp_path / "logs"), "--redirects", "2", str(worker), *flags]

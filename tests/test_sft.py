@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import common
 import logprobs
 import sft
-from toy.task import DATA_DIR
+from toy.task import DATA_DIR, TINY_MODEL_DIR
 from conftest import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,8 @@ def copy_toy_data(tmp_path):
 
 def test_training_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, tiny_model):
     out = str(tmp_path / "out")
-    sft.main(["--data", copy_toy_data(tmp_path), "--output_dir", out, "--max_steps", "60", "--log_every", "10"])
+    sft.main(["--model", TINY_MODEL_DIR, "--data", copy_toy_data(tmp_path),
+              "--output_dir", out, "--max_steps", "60", "--log_every", "10"])
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert losses[-1] < losses[0] - 0.2, losses
     assert {"loss", "perplexity", "lr", "grad_norm", "tokens/s"} <= set(read_metrics(out)[-1])
@@ -85,7 +86,8 @@ def test_default_run_on_the_toy_task_raises_the_gold_score(sft_model):
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_model):
     data = copy_toy_data(tmp_path)
-    common_flags = ["--data", data, "--max_steps", "3", "--log_every", "1", "--grad_accum", "2"]
+    common_flags = ["--model", TINY_MODEL_DIR, "--data", data,
+                    "--max_steps", "3", "--log_every", "1", "--grad_accum", "2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     sft.main(common_flags + ["--output_dir", one, "--batch_size", "8"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -122,10 +122,11 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, seed=0):
     words = SPECIALS + PROMPT_WORDS + sorted(TOPICS) + [w for ws in TOPIC_WORDS.values() for w in ws]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation apart: ':cat' is ':' 'cat'
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
