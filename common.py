@@ -99,6 +99,9 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
                    help="pack sequences into rows without padding (default: on where a start-up check shows the "
                         "model honours packed position_ids, else padded)")
+    p.add_argument("--attn_implementation", default=None,
+                   help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, flash_attention_2 "
+                        "(packs each batch into one row), ... (default: transformers' choice, sdpa where it can)")
     p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file))
     return p
 

@@ -95,10 +95,10 @@ def completion_logits(model, batch, score=None):
     labels = batch["labels"]
     mask = labels != -100
     if packs(model):
-        packed = pack(batch)
+        packed = pack(batch, one_row=flash_attention(model))
         P = batch["input_ids"].shape[1] - labels.shape[1]
         where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
-        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("flash", {}))
 
         def select(hidden):
             return hidden.flatten(0, 1)[where]
@@ -241,12 +241,13 @@ def sequence_logps(model, batch, temperature=1.0):
     return token_logps(model, batch, temperature).sum(-1), (batch["labels"] != -100).sum(-1)
 
 
-def forward_outputs(model, input_ids, attention_mask, position_ids):
-    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position."""
+def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
+    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position. `flash`: pack's
+    varlen arguments, for a transformers model (another model's flash attention finds them from position_ids)."""
     from transformers import PreTrainedModel
 
-    cache = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}  # a cache turns packing off
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    extra = {"use_cache": False, **(flash or {})} if isinstance(model, PreTrainedModel) else {}  # a cache: no packing
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
     return getattr(out, "logits", out)
 
 
@@ -254,8 +255,18 @@ def position_outputs(model, batch):
     """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
     if not packs(model):
         return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    packed = pack(batch)
-    return unpack(forward_outputs(model, packed["input_ids"], None, packed["position_ids"]), packed["index"])
+    packed = pack(batch, one_row=flash_attention(model))
+    outputs = forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed.get("flash"))
+    return unpack(outputs, packed["index"])
+
+
+def flash_attention(model):
+    """Whether the model's (or its backbone's) attention is a flash-attention kernel: pack then uses one row."""
+    from transformers import PreTrainedModel
+    from transformers.utils.generic import is_flash_attention_requested
+
+    config = next((m.config for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return config is not None and is_flash_attention_requested(config)
 
 
 def packs(model):
@@ -282,8 +293,9 @@ def packing_check(model):
         model.eval()  # no dropout: both forwards must be deterministic
         try:
             padded = forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            layout = pack(batch)
-            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"]), layout["index"])
+            layout = pack(batch, one_row=flash_attention(model))
+            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"],
+                                            layout.get("flash")), layout["index"])
         finally:
             model.train(training)
         real = batch["attention_mask"].bool()
