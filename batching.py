@@ -41,7 +41,7 @@ def collate(prompts, completions, pad_id, device, masks=None):
             labels[i, : len(c)].masked_fill_(torch.tensor(masks[i]) == 0, -100)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 def collate_single(examples, pad_id, device):

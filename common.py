@@ -331,11 +331,11 @@ class Logger:
         self.first, self.last, self.total_tokens, self.began = {}, {}, 0, self.t0
 
     def count(self, batch):
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += batch["attention_mask"].sum()  # on the device until logged: no host sync per micro-batch
 
     def tokens_per_second(self, device):
         """Tokens (all ranks, padding excluded) per second since the last call."""
-        (tokens,) = all_sum([self.tokens], device)
+        (tokens,) = all_sum([float(self.tokens)], device)
         now = time.perf_counter()
         rate, self.tokens, self.t0 = tokens / max(now - self.t0, 1e-9), 0, now
         self.total_tokens += tokens
