@@ -100,8 +100,8 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
                    help="pack sequences into rows without padding (default: on where a start-up check shows the "
                         "model honours packed position_ids, else padded)")
     p.add_argument("--attn_implementation", default=None,
-                   help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, flash_attention_2 "
-                        "(packs each batch into one row), ... (default: transformers' choice, sdpa where it can)")
+                   help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, "
+                        "flash_attention_2 (packs each batch into one row), ... (default: transformers' choice)")
     p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file))
     return p
 
@@ -257,11 +257,13 @@ def completions_from(responses, stop):
 
 def generate_completions(policy, prompts, tokenizer, device, batch_size):
     """Sample one response per prompt (examples with `prompt` ids) as set_sampling set generate(), batch_size
-    prompts at a time, in eval mode: lists of ids, each cut after its first stop id."""
+    prompts at a time, in eval mode, an FSDP2 policy gathered throughout (models.unsharded): lists of ids, each
+    cut after its first stop id."""
     import batching  # imports common
+    import models
 
     completions, stop = [], stop_ids(policy.generation_config, tokenizer)
-    with evaluating(policy):
+    with evaluating(policy), models.unsharded(policy):
         for i in range(0, len(prompts), batch_size):
             query = batching.collate_prompts(prompts[i:i + batch_size], tokenizer.pad_token_id, device)
             out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],

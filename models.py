@@ -170,6 +170,26 @@ def shard_model(model, device, dtype):
     return fully_shard(model, **kwargs)
 
 
+@contextlib.contextmanager
+def unsharded(model):
+    """An FSDP2 model's parameters gathered once for the block (a rollout) and resharded after: generate() would
+    otherwise all-gather every layer and free it again at every decoded token. A model not sharded passes through."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)  # the first forward gathers each layer; they stay gathered
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its own, as FSDP2 sets it
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
 
