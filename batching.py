@@ -17,6 +17,7 @@ packs() decides per model (--padding_free, else packing_check once).
      .  .  8 | 13  .  .  .       5  6  7 11 12  8 13       0 1 2 3 4 0 1     row's filler is never scored)
      .  9 10 | 14 15 16 17
 """
+import itertools
 import random
 
 import torch
@@ -40,7 +41,7 @@ def collate(prompts, completions, pad_id, device, masks=None):
             labels[i, : len(c)].masked_fill_(torch.tensor(masks[i]) == 0, -100)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 def collate_single(examples, pad_id, device):
@@ -61,7 +62,7 @@ def collate_prompts(examples, pad_id, device):
     return collate([e["prompt"] for e in examples], [[] for _ in examples], pad_id, device)
 
 
-def pack(batch):
+def pack(batch, one_row=False):
     """The packed layout of a collated batch, for a forward with no attention_mask.
 
     Each sequence's real tokens (prompt + completion) go whole into one row, first-fit by decreasing
@@ -69,21 +70,25 @@ def pack(batch):
     so no activation and no (T x T) attention mask is larger than the padded batch's. position_ids
     restart at 0 at each sequence, which transformers reads as a sequence boundary (masking_utils.
     find_packed_sequence_indices); the filler ending a short row counts from 0 too and is never scored.
+    `one_row` (flash attention: no (T x T) mask, and transformers' flash path keeps sequences apart only
+    in a single row) puts every sequence in one row and adds `flash`, the varlen kernel's arguments
+    cu_seq_lens_q/k (the sequences' boundaries) and max_length_q/k, built here so that no layer derives them.
     Returns input_ids and position_ids (R, T), and index (B, W): where each padded position's token
-    sits in the flattened rows, -1 on padding.
+    sits in the flattened rows, -1 on padding. The layout is built on the host, then copied over at once.
     """
     real = batch["attention_mask"].bool().cpu()
     B, W = real.shape
     lengths, starts = real.sum(-1).tolist(), real.int().argmax(-1).tolist()
+    width = sum(lengths) if one_row else W
     rows, free = [], []
     for b in sorted(range(B), key=lambda b: -lengths[b]):
         r = next((r for r, room in enumerate(free) if room >= lengths[b]), len(rows))
         if r == len(rows):
             rows.append([])
-            free.append(W)
+            free.append(width)
         rows[r].append(b)
         free[r] -= lengths[b]
-    T = W - min(free)
+    T = width - min(free)
     source = torch.zeros(len(rows), T, dtype=torch.long)  # each packed token's index in the flattened padded batch
     position_ids = torch.zeros_like(source)
     filled = torch.zeros_like(source, dtype=torch.bool)
@@ -97,9 +102,25 @@ def pack(batch):
         position_ids[r, t:] = torch.arange(T - t)
     index = torch.full((B * W,), -1, dtype=torch.long)
     index[source[filled]] = torch.arange(source.numel())[filled.flatten()]
+    host = dict(source=source, filled=filled, position_ids=position_ids, index=index.view(B, W))
+    if one_row:
+        host["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths[b] for b in rows[0])], dtype=torch.int32)
     device = batch["input_ids"].device
-    input_ids = batch["input_ids"].flatten()[source.to(device)].masked_fill(~filled.to(device), 0)  # filler: id 0
-    return dict(input_ids=input_ids, position_ids=position_ids.to(device), index=index.view(B, W).to(device))
+    moved = {k: to_device(v, device) for k, v in host.items()}
+    input_ids = batch["input_ids"].flatten()[moved["source"]].masked_fill(~moved["filled"], 0)  # filler: id 0
+    packed = dict(input_ids=input_ids, position_ids=moved["position_ids"], index=moved["index"])
+    if one_row:
+        longest = max(lengths)
+        packed["flash"] = dict(cu_seq_lens_q=moved["cu_seq_lens"], cu_seq_lens_k=moved["cu_seq_lens"],
+                               max_length_q=longest, max_length_k=longest)
+    return packed
+
+
+def to_device(tensor, device):
+    """A host tensor on `device`; to CUDA from pinned memory, without waiting for the copy."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def unpack(outputs, index):

@@ -100,6 +100,9 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
                    help="pack sequences into rows without padding (default: on where a start-up check shows the "
                         "model honours packed position_ids, else padded)")
+    p.add_argument("--attn_implementation", default=None,
+                   help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, "
+                        "flash_attention_2 (packs each batch into one row), ... (default: transformers' choice)")
     p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file), toy_model=model,
                    toy_data_dir=os.path.dirname(data))
     return p
@@ -262,11 +265,13 @@ def completions_from(responses, stop):
 
 def generate_completions(policy, prompts, tokenizer, device, batch_size):
     """Sample one response per prompt (examples with `prompt` ids) as set_sampling set generate(), batch_size
-    prompts at a time, in eval mode: lists of ids, each cut after its first stop id."""
+    prompts at a time, in eval mode, an FSDP2 policy gathered throughout (models.unsharded): lists of ids, each
+    cut after its first stop id."""
     import batching  # imports common
+    import models
 
     completions, stop = [], stop_ids(policy.generation_config, tokenizer)
-    with evaluating(policy):
+    with evaluating(policy), models.unsharded(policy):
         for i in range(0, len(prompts), batch_size):
             query = batching.collate_prompts(prompts[i:i + batch_size], tokenizer.pad_token_id, device)
             out = policy.generate(input_ids=query["input_ids"], attention_mask=query["attention_mask"],
@@ -336,11 +341,11 @@ class Logger:
         self.first, self.last, self.total_tokens, self.began = {}, {}, 0, self.t0
 
     def count(self, batch):
-        self.tokens += int(batch["attention_mask"].sum())
+        self.tokens += batch["attention_mask"].sum()  # on the device until logged: no host sync per micro-batch
 
     def tokens_per_second(self, device):
         """Tokens (all ranks, padding excluded) per second since the last call."""
-        (tokens,) = all_sum([self.tokens], device)
+        (tokens,) = all_sum([float(self.tokens)], device)
         now = time.perf_counter()
         rate, self.tokens, self.t0 = tokens / max(now - self.t0, 1e-9), 0, now
         self.total_tokens += tokens

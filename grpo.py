@@ -136,9 +136,10 @@ class Rollout(NamedTuple):
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts, tokenizer, args, device):
+def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts, tokenizer, args, device, logps=True):
     """Sample G responses per prompt, then score them: a Rollout. The policy scores in eval mode, as it
-    sampled; its mode is restored after. reward_kwargs: the reward functions' keywords besides the columns."""
+    sampled; its mode is restored after. reward_kwargs: the reward functions' keywords besides the columns.
+    `logps` False (an evaluation, which reads the rewards only): no old or reference log-probs."""
     pad_id, size = tokenizer.pad_token_id, args.local_rollout_forward_batch_size
     stop = common.stop_ids(policy.generation_config, tokenizer)
     expanded = [p for p in prompts for _ in range(args.num_generations)]
@@ -155,9 +156,9 @@ def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts,
     with common.evaluating(policy):
         for i in range(0, len(expanded), size):
             chunk = {k: v[i:i + size] for k, v in batch.items()}
-            if args.num_iterations > 1:
+            if args.num_iterations > 1 and logps:
                 parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
-            if args.beta > 0:
+            if args.beta > 0 and logps:
                 parts["ref_logps"].append(logprobs.token_logps(ref_model, chunk, args.temperature))
             if reward_model is not None:
                 parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
@@ -179,7 +180,8 @@ def heldout_metrics(policy, ref_model, reward_model, reward_fns, reward_kwargs, 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            sampled = rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk, tokenizer, args, device)
+            sampled = rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk, tokenizer, args,
+                              device, logps=False)
             rewards = reward_functions.total_rewards(sampled.rewards, weights)
             sums.add({"reward": rewards.nansum(), "scored": (~rewards.isnan()).sum()})
     totals = sums.total(device)

@@ -16,16 +16,28 @@ from batching import collate, collate_pairs, pack, unpack
 from common import rank, unwrapped_class, world
 
 
-def gather_logps(logits, labels, chunk_rows=8):
-    """log softmax(logits)[labels] per position (already aligned), 0.0 where labels == -100. As logit[label] -
-    logsumexp a few rows at a time in float32: no float32 copy of the full (B, T, V) log-softmax exists."""
+def gather_logps(logits, labels, temperature=1.0):
+    """log softmax(logits / T)[labels] per position (already aligned), 0.0 where labels == -100. As logit[label] -
+    logsumexp in float32, HeadLogps.CHUNK_ELEMENTS logits at a time: no float32 copy of the full (..., V)
+    log-softmax exists, nor a copy for / T at T = 1 when the logits are float32 already."""
     mask = labels != -100
-    index = labels.masked_fill(~mask, 0).unsqueeze(-1)
+    index = labels.masked_fill(~mask, 0).reshape(-1, 1)
+    rows = max(1, HeadLogps.CHUNK_ELEMENTS // logits.shape[-1])
     out = []
-    for lg, ix in zip(logits.split(chunk_rows), index.split(chunk_rows)):
-        lg = lg.float()
+    for lg, ix in zip(logits.reshape(-1, logits.shape[-1]).split(rows), index.split(rows)):
+        lg = lg.float() if temperature == 1.0 else lg.float() / temperature
         out.append(lg.gather(-1, ix).squeeze(-1) - lg.logsumexp(-1))
-    return torch.cat(out).masked_fill(~mask, 0.0)
+    return torch.cat(out).view(labels.shape).masked_fill(~mask, 0.0)
+
+
+@torch.no_grad()
+def chunked_entropy(logits, temperature):
+    """The entropy of softmax(logits / T) per row of (N, V) logits, in float32 chunks of HeadLogps.CHUNK_ELEMENTS."""
+    out = []
+    for lg in logits.split(max(1, HeadLogps.CHUNK_ELEMENTS // logits.shape[-1])):
+        lg = lg.float() / temperature
+        out.append(lg.logsumexp(-1) - (lg.softmax(-1) * lg).sum(-1))
+    return torch.cat(out)
 
 
 def naive_token_logps(model, batch, temperature=1.0):
@@ -45,20 +57,35 @@ def token_logps(model, batch, temperature=1.0):
     logits: it projects only the positions that predict a completion token (no prompt, no
     padding), and its float32 logits stay within HeadLogps' memory budget, forward and backward.
     """
+    return head_scores(model, batch, temperature, entropy=False)[0]
+
+
+def logps_and_entropy(model, batch, temperature):
+    """token_logps, plus the entropy of pi(.|state) (softmax of logits / T) at each completion position, without
+    grad: PPO's and GRPO's update. Both come from HeadLogps' chunks of float32 logits, never all (N, V) at once."""
+    return head_scores(model, batch, temperature, entropy=True)
+
+
+def head_scores(model, batch, temperature, entropy):
+    """(log-probs, entropies or None), (B, C) each, 0.0 on padding. The model's head scores through HeadLogps,
+    unless the model changes its head's output (Gemma-2's soft-capping, Cohere's logit_scale): then from the
+    logits the model returns. Which one is found at its first call and kept (model.changes_head_output)."""
     labels = batch["labels"]
     mask = labels != -100
-    head = model.get_output_embeddings()
-    scored = []
+    if not getattr(model, "changes_head_output", None):
+        head, scored = model.get_output_embeddings(), []
 
-    def score(hidden):
-        scored.append(HeadLogps.apply(hidden, head.weight, head.bias, labels[mask], temperature))
-        return scored[-1]
+        def score(hidden):
+            scored.append(HeadLogps.apply(hidden, head.weight, head.bias, labels[mask], temperature, entropy))
+            return scored[-1][0]
 
-    logps = completion_logits(model, batch, score)
-    if not scored or logps is not scored[-1]:  # the model changes its head's output (Gemma-2's soft-capping)
-        logits = completion_logits(model, batch)
-        logps = gather_logps(logits.float() / temperature if temperature != 1.0 else logits, labels[mask])  # float32 / T
-    return spread(logps, mask)
+        logps = completion_logits(model, batch, score)
+        model.changes_head_output = not scored or logps is not scored[-1][0]
+        if not model.changes_head_output:
+            return spread(logps, mask), spread(scored[-1][1], mask) if entropy else None
+    logits = completion_logits(model, batch)
+    return (spread(gather_logps(logits, labels[mask], temperature), mask),
+            spread(chunked_entropy(logits, temperature), mask) if entropy else None)
 
 
 def completion_logits(model, batch, score=None):
@@ -68,10 +95,10 @@ def completion_logits(model, batch, score=None):
     labels = batch["labels"]
     mask = labels != -100
     if packs(model):
-        packed = pack(batch)
+        packed = pack(batch, one_row=flash_attention(model))
         P = batch["input_ids"].shape[1] - labels.shape[1]
         where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
-        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("flash", {}))
 
         def select(hidden):
             return hidden.flatten(0, 1)[where]
@@ -97,16 +124,6 @@ def completion_logits(model, batch, score=None):
         if own_forward is not None:
             head.forward = own_forward
     return out.logits if called else select(out.logits)  # a model that never calls its head: full logits
-
-
-def logps_and_entropy(model, batch, temperature):
-    """token_logps with a gradient through full logits (N, V), plus the entropy of pi(.|state) at each
-    response position (no grad): PPO's and GRPO's update. logits / T in float32, as the rollout's scoring."""
-    mask = batch["labels"] != -100
-    logits = completion_logits(model, batch).float() / temperature
-    with torch.no_grad():
-        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    return spread(gather_logps(logits, batch["labels"][mask]), mask), spread(entropy, mask)
 
 
 @torch.no_grad()
@@ -145,7 +162,8 @@ def spread(values, mask):
 
 
 class HeadLogps(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,).
+    """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,), and, with
+    `entropy`, the entropy of that softmax per row (N,) without grad (else an empty tensor).
 
     d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
     (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
@@ -157,19 +175,21 @@ class HeadLogps(torch.autograd.Function):
     KEEP_ELEMENTS = 2**25  # 128 MB: a DPO batch at a 32k vocabulary keeps it; 1k tokens at 128k recompute
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature):
+    def forward(ctx, hidden, weight, bias, labels, temperature, entropy=False):
         keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
         rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
-        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep)
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep, entropy)
                   for h, y in zip(hidden.split(rows), labels.split(rows))]
-        logps, lse, probs = zip(*chunks)
+        logps, lse, probs, entropies = zip(*chunks)
         logps, lse = torch.cat(logps), torch.cat(lse)
+        entropies = torch.cat(entropies) if entropy else logps.new_empty(0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, probs[0] if keep else None)
         ctx.rows, ctx.temperature = rows, temperature
-        return logps
+        ctx.mark_non_differentiable(entropies)
+        return logps, entropies
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
@@ -177,7 +197,7 @@ class HeadLogps(torch.autograd.Function):
             HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs)
             for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
     @staticmethod
     def chunk_logits(h, weight, bias, temperature):
@@ -185,14 +205,18 @@ class HeadLogps(torch.autograd.Function):
         return logits.div_(temperature) if temperature != 1.0 else logits
 
     @staticmethod
-    def chunk_forward(h, y, weight, bias, temperature, keep):
-        """(log-probs, logsumexp, softmax if keep) of a chunk's rows, in place in one (rows, V) buffer."""
+    def chunk_forward(h, y, weight, bias, temperature, keep, entropy):
+        """(log-probs, logsumexp, softmax if keep, entropy if `entropy`) of a chunk's rows. The entropy is
+        log Z - sum_v e^z_v z_v / Z, with z = logits - max and Z = sum_v e^z_v; without it, one (rows, V) buffer."""
         logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
         target = logits.gather(-1, y[:, None]).squeeze(-1)
         top = logits.amax(-1, keepdim=True)
-        total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-        lse = (total.log() + top).squeeze(-1)
-        return target - lse, lse, logits.div_(total) if keep else None
+        z = logits.sub_(top)
+        e = z.exp() if entropy else z.exp_()  # the entropy needs z beside e^z
+        total = e.sum(-1)
+        lse = total.log() + top.squeeze(-1)
+        h_rows = total.log() - torch.bmm(e[:, None], z[:, :, None]).flatten() / total if entropy else None
+        return target - lse, lse, e.div_(total[:, None]) if keep else None, h_rows
 
     @staticmethod
     def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs):
@@ -217,12 +241,13 @@ def sequence_logps(model, batch, temperature=1.0):
     return token_logps(model, batch, temperature).sum(-1), (batch["labels"] != -100).sum(-1)
 
 
-def forward_outputs(model, input_ids, attention_mask, position_ids):
-    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position."""
+def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
+    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position. `flash`: pack's
+    varlen arguments, for a transformers model (another model's flash attention finds them from position_ids)."""
     from transformers import PreTrainedModel
 
-    cache = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}  # a cache turns packing off
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache)
+    extra = {"use_cache": False, **(flash or {})} if isinstance(model, PreTrainedModel) else {}  # a cache: no packing
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
     return getattr(out, "logits", out)
 
 
@@ -230,8 +255,18 @@ def position_outputs(model, batch):
     """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
     if not packs(model):
         return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    packed = pack(batch)
-    return unpack(forward_outputs(model, packed["input_ids"], None, packed["position_ids"]), packed["index"])
+    packed = pack(batch, one_row=flash_attention(model))
+    outputs = forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed.get("flash"))
+    return unpack(outputs, packed["index"])
+
+
+def flash_attention(model):
+    """Whether the model's (or its backbone's) attention is a flash-attention kernel: pack then uses one row."""
+    from transformers import PreTrainedModel
+    from transformers.utils.generic import is_flash_attention_requested
+
+    config = next((m.config for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return config is not None and is_flash_attention_requested(config)
 
 
 def packs(model):
@@ -258,8 +293,9 @@ def packing_check(model):
         model.eval()  # no dropout: both forwards must be deterministic
         try:
             padded = forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            layout = pack(batch)
-            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"]), layout["index"])
+            layout = pack(batch, one_row=flash_attention(model))
+            packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"],
+                                            layout.get("flash")), layout["index"])
         finally:
             model.train(training)
         real = batch["attention_mask"].bool()

@@ -14,7 +14,7 @@ from common import UserError, barrier, rank, resolve_dtype, world
 def load_policy(args, device):
     """The tokenizer and the trained model of --model (float32 weights, computing in --dtype)."""
     model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle,
-                       trained=True, padding_free=args.padding_free)
+                       trained=True, padding_free=args.padding_free, attn_implementation=args.attn_implementation)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -25,7 +25,8 @@ def load_policy(args, device):
 def load_reference(args, device, path=None):
     """The frozen reference model: `path` (default --model) in the compute dtype."""
     return frozen(load_model(path or args.model, device, args.dtype, args.trust_remote_code,
-                             allow_pickle=args.allow_pickle, padding_free=args.padding_free))
+                             allow_pickle=args.allow_pickle, padding_free=args.padding_free,
+                             attn_implementation=args.attn_implementation))
 
 
 def frozen(model):
@@ -35,9 +36,10 @@ def frozen(model):
 
 
 def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=None, allow_pickle=False,
-               trained=False, padding_free=None):
+               trained=False, padding_free=None, attn_implementation=None):
     """A model ready to run, safetensors unless allow_pickle; `auto_class` replaces AutoModelForCausalLM.
-    `padding_free` (True, False, or None: a start-up check decides) picks its forwards' layout (logprobs.packs).
+    `padding_free` (True, False, or None: a start-up check decides) picks its forwards' layout (logprobs.packs);
+    `attn_implementation` (None: transformers' choice) its attention (sdpa, flash_attention_2, eager, ...).
 
     A `trained` model keeps float32 parameters (the master weights the optimizer updates) and computes in the
     compute dtype `dtype`; a frozen one is held in the compute dtype. Where FSDP2 is needed (under torchrun, or
@@ -53,6 +55,11 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     else:
         model = load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle)
     model.padding_free = padding_free
+    if attn_implementation is not None:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ImportError, ValueError) as e:
+            raise UserError(f"--attn_implementation {attn_implementation}: {str(e).splitlines()[0]}") from e
     return disable_dropout(model)
 
 
@@ -161,6 +168,26 @@ def shard_model(model, device, dtype):
         if type(module).__name__ in layer_classes:  # a sharded layer's class is FSDP<Name>: not matched again
             fully_shard(module, **kwargs)
     return fully_shard(model, **kwargs)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """An FSDP2 model's parameters gathered once for the block (a rollout) and resharded after: generate() would
+    otherwise all-gather every layer and free it again at every decoded token. A model not sharded passes through."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)  # the first forward gathers each layer; they stay gathered
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its own, as FSDP2 sets it
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def is_sharded(model):

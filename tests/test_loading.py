@@ -49,3 +49,14 @@ def test_two_ranks_load_shards_as_from_pretrained(tiny_model, chat_model, moe_mo
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("models load as from_pretrained does") == 2
+
+
+def test_sharded_rollout_gathers_once_and_samples_the_same_tokens(tiny_model):
+    """generate() on an FSDP2 policy under torchrun (2 ranks, gloo): gathered once for the rollout (models.unsharded)
+    against FSDP2's gather per layer per decoded token; see sharded_rollout.py."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "sharded_rollout.py"), tiny_model]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"gathers": 5') == 2, done.stdout  # 4 layers and the root, once each, on each rank

@@ -187,7 +187,7 @@ def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, mo
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     packed_batches, pack = [], batching.pack
-    monkeypatch.setattr(logprobs, "pack", lambda batch: packed_batches.append(1) or pack(batch))
+    monkeypatch.setattr(logprobs, "pack", lambda batch, **kw: packed_batches.append(1) or pack(batch, **kw))
     runs = []
     for flag in ("--padding_free", "--no-padding_free"):
         out = str(tmp_path / flag)
@@ -201,3 +201,55 @@ def test_a_run_packed_equals_a_run_padded(script, rows, tiny_model, tmp_path, mo
             if key in padded:
                 assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
         assert packed["tokens/s"] > 0
+
+
+def exact_attention(q, k, v, causal=True, softmax_scale=None, **unused):
+    """flash_attn_func's contract, (B, T, heads, D) in and out, computed exactly (SDPA's math on CPU)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def exact_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                           softmax_scale=None, dropout_p=0.0, **unused):
+    """flash_attn_varlen_func's contract, (total, heads, D): each cu_seqlens segment attends only within itself."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == int(cu_seqlens_q.diff().max())
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat([exact_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+                      for a, b in zip(bounds, bounds[1:])])
+
+
+@pytest.fixture
+def flash_attention(monkeypatch):
+    """A model whose config asks for flash_attention_2, transformers' own flash-attention dispatch, and
+    exact kernels in flash-attn's place (the package needs CUDA)."""
+    from transformers import modeling_flash_attention_utils as fa
+
+    kernels = (exact_attention, exact_varlen_attention, None, fa._pad_input, fa._unpad_input)
+    processing = (fa._lazy_define_process_function(exact_varlen_attention), dict)
+    monkeypatch.setattr(fa, "lazy_import_flash_attention", lambda *args, **kwargs: (kernels, processing))
+
+    def model(device, seed=0):
+        model = tiny_llama(device, seed)
+        model.config._attn_implementation = "flash_attention_2"
+        return model
+    return model
+
+
+def test_packed_equals_padded_under_flash_attention(flash_attention, layout, device):
+    """One packed row and the varlen kernel's boundaries: packed sequences never see each other."""
+    model = flash_attention(device)
+    assert logprobs.flash_attention(model) and not logprobs.flash_attention(tiny_llama(device))
+    batch = batching.collate_pairs(PAIRS, 0, device)
+    packed = batching.pack(batch, one_row=True)
+    lengths = batch["attention_mask"].sum(-1)
+    assert packed["input_ids"].shape == (1, int(lengths.sum()))
+    assert packed["flash"]["cu_seq_lens_q"].tolist() == [0, *lengths.sort(descending=True).values.cumsum(0).tolist()]
+    assert packed["flash"]["max_length_q"] == int(lengths.max())
+    padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch, 0.7))
+    assert_same(padded, packed)
+    with torch.no_grad():
+        padded, packed = layout(logprobs.position_outputs, model, batch)
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(packed[real], padded[real], rtol=0, atol=1e-5)
+    assert logprobs.packing_check(model)
