@@ -2,7 +2,10 @@
 a bad input, and a few real steps on the toy SFT model."""
 import math
 import os
+import random
+import subprocess
 import sys
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -10,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
-import common
-import online_dpo
-from conftest import ROOT, read_metrics
-from toy.task import DATA_DIR
+from conftest import ROOT, read_metrics  # first: puts the repository on sys.path under torchrun too
+import common  # noqa: E402
+import online_dpo  # noqa: E402
+from toy.task import DATA_DIR, TOPIC_WORDS  # noqa: E402
 
 GOLD = os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward"
 
@@ -121,3 +124,63 @@ def test_a_few_steps_on_the_toy_sft_model(sft_model, tmp_path):
     assert train[-1]["loss"] != pytest.approx(math.log(2), abs=1e-4)
     before, after = (load_file(os.path.join(d, "model.safetensors")) for d in (sft_model, out))
     assert max(float((before[n] - after[n]).abs().max()) for n in before) > 1e-3
+
+
+# ---------------------------------------------------------------- the same run over micro-batches and ranks
+
+def fixed_generate():
+    """A stand-in for common.generate_completions whose 'samples' depend on the prompt, which of its two
+    responses it is and the step only, so every split of a global batch gets the same ones; a quarter of the
+    prompts get the same response twice: a tie."""
+    words, calls = [w for ws in TOPIC_WORDS.values() for w in ws], []
+
+    def generate(policy, prompts, tokenizer, device, batch_size):
+        calls.append(1)
+        out = []
+        for i, p in enumerate(prompts):
+            tie = zlib.crc32(str(p["prompt"]).encode()) % 4 == 0
+            rng = random.Random(zlib.crc32(f"{p['prompt']}|{0 if tie else i % 2}|{len(calls)}".encode()))
+            out.append(tokenizer.convert_tokens_to_ids(rng.choices(words, k=rng.randint(1, 6))) + [tokenizer.eos_token_id])
+        return out
+    return generate
+
+
+FLAGS = ["--max_steps", "2", "--log_every", "1", "--lr", "3e-3", "--warmup_ratio", "0", "--max_length", "64",
+         "--max_new_tokens", "8", "--reward_fn", GOLD]
+
+
+def run_fixed(flags):
+    sample = common.generate_completions
+    common.generate_completions = fixed_generate()
+    try:
+        online_dpo.main(flags)
+    finally:
+        common.generate_completions = sample
+
+
+def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"  # outside toy/data: no toy eval
+    with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:32]))
+    flags = FLAGS + ["--model", tiny_model, "--data", str(data)]
+    two = str(tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           *flags, "--batch_size", "4", "--output_dir", two]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one, accum = str(tmp_path / "one"), str(tmp_path / "accum")
+    run_fixed(flags + ["--batch_size", "8", "--output_dir", one])
+    run_fixed(flags + ["--batch_size", "4", "--grad_accum", "2", "--output_dir", accum])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert 0 < read_metrics(one)[0]["tie_rate"] < 1  # ties in the batch, so the pair count matters
+    for other in (accum, two):
+        for a, b in zip(read_metrics(one), read_metrics(other), strict=True):
+            for key in ("loss", "grad_norm", "tie_rate", "objective/scores", "rewards/margins", "logps/chosen"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (other, key)
+        w1, w2 = (load_file(os.path.join(d, "model.safetensors")) for d in (one, other))
+        for name in w1:
+            torch.testing.assert_close(w1[name], w2[name], atol=3e-4, rtol=0)
+
+
+if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
+    run_fixed(sys.argv[1:])
