@@ -151,7 +151,8 @@ def rollout_means(sums, device):
     prompts = totals["prompts"]
     return {"objective/scores": totals["objective/scores"] / totals["scored"] if totals["scored"] else math.nan,
             "objective/scores_margin": totals["objective/scores_margin"] / (prompts - totals["ties"] or math.nan),
-            "val/contain_eos_token": totals["val/contain_eos_token"] / (2 * prompts), "tie_rate": totals["ties"] / prompts}
+            "val/contain_eos_token": totals["val/contain_eos_token"] / (2 * prompts),
+            "tie_rate": totals["ties"] / prompts}
 
 
 def heldout_metrics(policy, ref_model, reward_model, reward_fns, weights, chunks, tokenizer, args, device):

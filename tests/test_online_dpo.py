@@ -140,7 +140,8 @@ def fixed_generate():
         for i, p in enumerate(prompts):
             tie = zlib.crc32(str(p["prompt"]).encode()) % 4 == 0
             rng = random.Random(zlib.crc32(f"{p['prompt']}|{0 if tie else i % 2}|{len(calls)}".encode()))
-            out.append(tokenizer.convert_tokens_to_ids(rng.choices(words, k=rng.randint(1, 6))) + [tokenizer.eos_token_id])
+            ids = tokenizer.convert_tokens_to_ids(rng.choices(words, k=rng.randint(1, 6)))
+            out.append(ids + [tokenizer.eos_token_id])
         return out
     return generate
 
