@@ -23,6 +23,7 @@ RUNS = [
     ("DPO+RPO (rpo_alpha 1)", "dpo.py", ["--rpo_alpha", "1.0"]),
     ("R-DPO (rdpo_alpha 0.05)", "dpo.py", ["--rdpo_alpha", "0.05"]),
     ("SamPO", "dpo.py", ["--sampo"]),
+    ("Online DPO", "online_dpo.py", []),
     ("LD-DPO (alpha 0.25)", "ld_dpo.py", ["--ld_alpha", "0.25"]),
     ("LD-DPO (alpha 0.5, default)", "ld_dpo.py", []),
     ("LD-DPO (alpha 0.75)", "ld_dpo.py", ["--ld_alpha", "0.75"]),
