@@ -14,18 +14,22 @@ from common import UserError, barrier, rank, resolve_dtype, world
 
 
 def load_policy(args, device):
-    """The tokenizer and the trained model of --model (float32 weights, computing in --dtype), or with --lora_r
-    the frozen base in --dtype and a float32 LoRA adapter, the only weights trained."""
-    adapter = lora.config(args)
-    model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle,
-                       trained=adapter is None, padding_free=args.padding_free)
-    if adapter is not None:
-        lora.add_adapter(model, adapter, args.seed)
+    """The tokenizer and the trained model of --model (load_trained)."""
+    model = load_trained(args, device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return tokenizer, model
+
+
+def load_trained(args, device, auto_class=None):
+    """--model to train: float32 weights computing in --dtype, or with --lora_r the frozen base in --dtype and a
+    float32 LoRA adapter, the only weights trained (lora.py)."""
+    adapter = lora.config(args)
+    model = load_model(args.model, device, args.dtype, args.trust_remote_code, auto_class, args.allow_pickle,
+                       trained=adapter is None, padding_free=args.padding_free)
+    return model if adapter is None else lora.add_adapter(model, adapter, args.seed)
 
 
 def load_reference(args, device, path=None, policy=None):
