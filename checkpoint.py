@@ -106,10 +106,10 @@ def check_shared(shards):
 
 
 def write_weights(state, directory, name, per_rank, dtype=None):
-    """The full weights of `state` (weights(module)) as directory/NAME*.safetensors (every rank must call this): one file per rank
-    (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
-    writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in memory
-    at a time; the shards are then deleted. `dtype`: cast floating-point weights to it."""
+    """The full weights of `state` (weights(module)) as directory/NAME*.safetensors (every rank must call this):
+    one file per rank (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB.
+    Each rank writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in
+    memory at a time; the shards are then deleted. `dtype`: cast floating-point weights to it."""
     shards = os.path.join(directory, f"{name}.shards")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -171,11 +171,10 @@ def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, merge=Fa
     """config, generation config and tokenizer (rank 0), the weights of `model` and of each of `modules`
     as NAME.safetensors (every rank) into `directory`, in `dtype` (default: the parameters'); see write_weights
     for `per_rank`. A LoRA model writes its adapter (peft's files), or with `merge` the merged model."""
-    adapter = lora.has_adapter(model) and not merge
     if rank() == 0:
         os.makedirs(directory, exist_ok=True)
         tokenizer.save_pretrained(directory)
-    if rank() == 0 and adapter:
+    if rank() == 0 and lora.weights_name(model, merge) != "model":
         model.peft_config[lora.ADAPTER].save_pretrained(directory)
     elif rank() == 0:
         model.config.architectures = [unwrapped_class(model).__name__]
@@ -183,14 +182,10 @@ def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, merge=Fa
         model.config.save_pretrained(directory)
         if model.can_generate():
             model.generation_config.save_pretrained(directory)
-    write_weights(weights(model, merge), directory, model_file(model, merge), per_rank, dtype)
+    write_weights(weights(model, merge), directory, lora.weights_name(model, merge), per_rank, dtype)
     for name, module in modules.items():
         write_weights(weights(module), directory, name, per_rank, dtype)
 
-
-def model_file(model, merge=False):
-    """The name of the model's weights files: adapter_model for a LoRA adapter, as peft names it."""
-    return lora.WEIGHTS.removesuffix(".safetensors") if lora.has_adapter(model) and not merge else "model"
 
 
 def save_model(model, tokenizer, out_dir, dtype=None, merge=False, **modules):
@@ -261,7 +256,7 @@ class TrainState:
         with open(f"{path}/trainer_state.json") as f:
             saved = json.load(f)
         self.check(path, saved["args"])
-        for name, module in {model_file(self.model): self.model, **self.modules}.items():
+        for name, module in {lora.weights_name(self.model): self.model, **self.modules}.items():
             read_weights(module, path, name)
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):

@@ -116,6 +116,11 @@ def disabled(model):
             layer._disable_adapters = False
 
 
+def weights_name(model, merge=False):
+    """What a model's weights files are called: adapter_model for an adapter saved alone, as peft names it."""
+    return WEIGHTS.removesuffix(".safetensors") if has_adapter(model) and not merge else "model"
+
+
 def is_adapter(path):
     """Whether `path` is a saved adapter (peft's layout) rather than a model."""
     return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))

@@ -63,8 +63,9 @@ def test_adapter_layer_is_w_plus_scaled_ba_with_its_gradient(tiny_model):
     assert torch.allclose(out, by_hand, atol=1e-5)
     (out * g).sum().backward()
     (by_hand * g).sum().backward()
-    torch.testing.assert_close(A.grad, a.grad, rtol=1e-5, atol=1e-4)  # float32 sums of ~50-sized terms, summed in another order
-    torch.testing.assert_close(B.grad, b.grad, rtol=1e-5, atol=1e-4)  # float32 sums of ~50-sized terms, summed in another order
+    # float32 sums of terms of size ~50, added in another order
+    torch.testing.assert_close(A.grad, a.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(B.grad, b.grad, rtol=1e-5, atol=1e-4)
     assert W.grad is None
     trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n for n in trained) and set(trained.values()) == {torch.float32}
