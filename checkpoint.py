@@ -8,6 +8,7 @@ Hugging Face storage writer; nothing is gathered on one rank. output_dir/checkpo
     model.safetensors, or model-0000k-of-0000W.safetensors     the model, which from_pretrained loads:
         and model.safetensors.index.json                       under W ranks, rank k-1 rebuilds file k
                                                                from all the shards, a tensor at a time
+    (with LoRA: adapter_config.json, adapter_model*.safetensors   the adapter alone, in peft's layout)
     NAME.safetensors (or NAME-0000k-of-0000W...)               each extra module (rm's value head, ppo's value model)
     NAME/shard-0000r-model-00001-of-00001.safetensors          each optimizer's state: rank r-1's shards
     trainer_state.json                                         step, flags, world size, schedules, optimizer settings
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from tqdm import tqdm
 
 from batching import micro_batches
+import lora
 from common import UserError, all_sum, barrier, rank, unwrapped_class, world
 
 # DCP says so at every save and load of a run without torchrun; one process is a supported setup here
@@ -59,9 +61,10 @@ def fsync_dir(path, files=True):
         fsync(p)
 
 
-def weights(module):
+def weights(module, merge=False):
     """This rank's part of `module`'s state dict (its DTensor shards under FSDP2), with the keys save_pretrained
-    writes: a tied weight (tie_word_embeddings) once, under the name transformers keeps."""
+    writes: a tied weight (tie_word_embeddings) once, under the name transformers keeps. With a LoRA adapter: the
+    adapter alone, under peft's names, or (merge) the model with the adapter merged into its weights."""
     from transformers import PreTrainedModel
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -70,6 +73,8 @@ def weights(module):
         stand_in = {}
         named = {k: stand_in.setdefault(id(p), torch.empty(1)) for k, p in module.state_dict(keep_vars=True).items()}
         state = {k: state[k] for k in remove_tied_weights_from_state_dict(named, module)}
+    if lora.has_adapter(module):
+        state = lora.merged_state(module, state) if merge else lora.adapter_state(state)
     return state
 
 
@@ -100,12 +105,12 @@ def check_shared(shards):
                             "filesystem that every node shares, not a node-local disk")
 
 
-def write_weights(module, directory, name, per_rank, dtype=None):
-    """`module`'s full weights as directory/NAME*.safetensors (every rank must call this): one file per rank
-    (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB. Each rank
-    writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in memory
-    at a time; the shards are then deleted. `dtype`: cast floating-point weights to it."""
-    state, shards = weights(module), os.path.join(directory, f"{name}.shards")
+def write_weights(state, directory, name, per_rank, dtype=None):
+    """The full weights of `state` (weights(module)) as directory/NAME*.safetensors (every rank must call this):
+    one file per rank (per_rank: a checkpoint, written in parallel) or save_pretrained's files of at most 50 GB.
+    Each rank writes its shards with DCP, then rebuilds its files from everybody's shards, one full tensor in
+    memory at a time; the shards are then deleted. `dtype`: cast floating-point weights to it."""
+    shards = os.path.join(directory, f"{name}.shards")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     writer = HuggingFaceStorageWriter(shards, save_distributed=True)
@@ -162,25 +167,31 @@ def read_pretrained(model, directory):
     return False
 
 
-def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, **modules):
+def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, merge=False, **modules):
     """config, generation config and tokenizer (rank 0), the weights of `model` and of each of `modules`
     as NAME.safetensors (every rank) into `directory`, in `dtype` (default: the parameters'); see write_weights
-    for `per_rank`."""
+    for `per_rank`. A LoRA model writes its adapter (peft's files), or with `merge` the merged model."""
     if rank() == 0:
         os.makedirs(directory, exist_ok=True)
+        tokenizer.save_pretrained(directory)
+    if rank() == 0 and lora.weights_name(model, merge) != "model":
+        model.peft_config[lora.ADAPTER].save_pretrained(directory)
+    elif rank() == 0:
         model.config.architectures = [unwrapped_class(model).__name__]
         model.config.dtype = str(dtype or model.dtype).split(".")[1]  # as save_pretrained does
         model.config.save_pretrained(directory)
         if model.can_generate():
             model.generation_config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-    for name, module in {"model": model, **modules}.items():
-        write_weights(module, directory, name, per_rank, dtype)
+    write_weights(weights(model, merge), directory, lora.weights_name(model, merge), per_rank, dtype)
+    for name, module in modules.items():
+        write_weights(weights(module), directory, name, per_rank, dtype)
 
 
-def save_model(model, tokenizer, out_dir, dtype=None, **modules):
+
+def save_model(model, tokenizer, out_dir, dtype=None, merge=False, **modules):
     """A HF directory (config, weights in `dtype`, tokenizer) that never looks complete half-written (every rank
-    must call this). `modules` are saved beside the model as NAME.safetensors (e.g. rm.py's value head).
+    must call this). `modules` are saved beside the model as NAME.safetensors (e.g. rm.py's value head). A LoRA
+    model saves its adapter in peft's layout, or with `merge` (--merge_lora) the full merged model.
 
     Files go to `out_dir.tmp`, are fsynced, then moved in weights last, after any old weights are removed:
     a crash mid-save leaves no weights, so loading fails loudly instead of mixing old and new.
@@ -189,12 +200,12 @@ def save_model(model, tokenizer, out_dir, dtype=None, **modules):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    write_pretrained(model, tokenizer, tmp, False, dtype, **modules)
+    write_pretrained(model, tokenizer, tmp, False, dtype, merge, **modules)
     if rank() == 0:
         fsync_dir(tmp)
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):
-            if name.endswith((".safetensors", ".safetensors.index.json")):
+            if name.endswith((".safetensors", ".safetensors.index.json")) or name in ("config.json", lora.CONFIG):
                 os.remove(os.path.join(out_dir, name))
         for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):  # weights last
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
@@ -245,7 +256,7 @@ class TrainState:
         with open(f"{path}/trainer_state.json") as f:
             saved = json.load(f)
         self.check(path, saved["args"])
-        for name, module in {"model": self.model, **self.modules}.items():
+        for name, module in {lora.weights_name(self.model): self.model, **self.modules}.items():
             read_weights(module, path, name)
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):

@@ -100,6 +100,15 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=None,
                    help="pack sequences into rows without padding (default: on where a start-up check shows the "
                         "model honours packed position_ids, else padded)")
+    p.add_argument("--lora_r", type=int, default=0,
+                   help="train a LoRA adapter of this rank on the frozen base instead of every weight (0: off; "
+                        "needs peft); real models then want a larger --lr, about 10x")
+    p.add_argument("--lora_alpha", type=float, default=32, help="LoRA's alpha: the adapter adds (alpha/r) * B @ A")
+    p.add_argument("--lora_target_modules", default="all-linear",
+                   help="the linear layers LoRA adapts, as comma-separated names (q_proj,v_proj) or all-linear "
+                        "(every one but the LM head)")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="save the model with the adapter merged in (a full model) instead of the adapter alone")
     p.add_argument("--attn_implementation", default=None,
                    help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, "
                         "flash_attention_2 (packs each batch into one row), ... (default: transformers' choice)")
@@ -136,13 +145,17 @@ def check_args(args):
     for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
         check_range(args, name, low=0)
     check_range(args, "warmup_ratio", low=0, high=1)
+    check_range(args, "lora_r", low=0)
+    check_range(args, "lora_alpha", above=0)
+    if args.merge_lora and not args.lora_r:
+        raise UserError("--merge_lora merges a LoRA adapter: pass --lora_r too")
 
 
 def check_output_dir(args):
     """Refuse to train over a finished model (a config and weights in --output_dir) unless told to."""
     out = args.output_dir
     names = os.listdir(out) if os.path.isdir(out) else []
-    finished = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    finished = {"config.json", "adapter_config.json"} & set(names) and any(n.endswith(".safetensors") for n in names)
     resumable = args.resume and any(re.fullmatch(r"checkpoint-\d+", n) for n in names)
     if finished and not (args.overwrite_output_dir or resumable):
         raise UserError(f"{out} already holds a finished model: pass --overwrite_output_dir to replace it, or choose "

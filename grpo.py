@@ -244,7 +244,7 @@ def main(argv=None):
     tokenizer, policy = models.load_policy(args, device)
     ref_model = reward_model = None
     if args.beta > 0:
-        ref_model = models.load_reference(args, device)
+        ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
     if args.reward_model is not None:
         reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                           args.allow_pickle, padding_free=args.padding_free))
@@ -346,7 +346,7 @@ def main(argv=None):
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not GRPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))
+    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     logger.close()
 
 

@@ -188,7 +188,7 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, model = models.load_policy(args, device)
-    ref_model = models.load_reference(args, device)
+    ref_model = models.load_reference(args, device, policy=model)  # LoRA: the adapter off
     notes = []
 
     def load(path):
@@ -249,7 +249,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     logger.close()
 
 

@@ -159,7 +159,7 @@ def main(argv=None):
 
     tokenizer, model = models.load_policy(args, device)
     ref_path = args.ref_model or args.model
-    ref_model = models.load_reference(args, device, ref_path)
+    ref_model = models.load_reference(args, device, args.ref_model, policy=model)  # LoRA: the adapter off
     if ref_model.config.vocab_size != model.config.vocab_size:
         raise common.UserError(f"--ref_model {ref_path} has another vocabulary than --model {args.model}")
     fields = ("chosen", "rejected")
@@ -218,7 +218,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     logger.close()
 
 

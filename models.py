@@ -1,5 +1,6 @@
 """A --model -> a model ready to train or score: loading (safetensors, dropout off), the precision rule
-(trained weights float32, compute in --dtype) and the FSDP2 wrap, with sharded loading under torchrun."""
+(trained weights float32, compute in --dtype) and the FSDP2 wrap, with sharded loading under torchrun; with
+--lora_r, a LoRA adapter on the frozen base (lora.py)."""
 import contextlib
 import functools
 import os
@@ -8,13 +9,13 @@ import socket
 import torch
 import torch.distributed as dist
 
+import lora
 from common import UserError, barrier, rank, resolve_dtype, world
 
 
 def load_policy(args, device):
-    """The tokenizer and the trained model of --model (float32 weights, computing in --dtype)."""
-    model = load_model(args.model, device, args.dtype, args.trust_remote_code, allow_pickle=args.allow_pickle,
-                       trained=True, padding_free=args.padding_free, attn_implementation=args.attn_implementation)
+    """The tokenizer and the trained model of --model (load_trained)."""
+    model = load_trained(args, device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -22,8 +23,21 @@ def load_policy(args, device):
     return tokenizer, model
 
 
-def load_reference(args, device, path=None):
-    """The frozen reference model: `path` (default --model) in the compute dtype."""
+def load_trained(args, device, auto_class=None):
+    """--model to train: float32 weights computing in --dtype, or with --lora_r the frozen base in --dtype and a
+    float32 LoRA adapter, the only weights trained (lora.py)."""
+    adapter = lora.config(args)
+    model = load_model(args.model, device, args.dtype, args.trust_remote_code, auto_class, args.allow_pickle,
+                       trained=adapter is None, padding_free=args.padding_free,
+                       attn_implementation=args.attn_implementation)
+    return model if adapter is None else lora.add_adapter(model, adapter, args.seed)
+
+
+def load_reference(args, device, path=None, policy=None):
+    """The frozen reference model: `path` (default --model) in the compute dtype; without `path`, a LoRA
+    `policy` with its adapter off (the base it adapts, no second copy)."""
+    if path is None and policy is not None and lora.has_adapter(policy):
+        return lora.AdapterOff(policy)
     return frozen(load_model(path or args.model, device, args.dtype, args.trust_remote_code,
                              allow_pickle=args.allow_pickle, padding_free=args.padding_free,
                              attn_implementation=args.attn_implementation))
@@ -44,10 +58,13 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     A `trained` model keeps float32 parameters (the master weights the optimizer updates) and computes in the
     compute dtype `dtype`; a frozen one is held in the compute dtype. Where FSDP2 is needed (under torchrun, or
     float32 parameters computing in bf16), the model is built without weights, sharded, and each rank then reads
-    only its shards from the files (load_sharded)."""
+    only its shards from the files (load_sharded). A saved LoRA adapter is loaded as its base with it merged in."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path, allow_pickle)
+    if lora.is_adapter(path):
+        return lora.merge(load_model(lora.base_of(path), device, dtype, trust_remote_code, auto_class, allow_pickle,
+                                     trained, padding_free), path)
     auto_class, compute = auto_class or AutoModelForCausalLM, resolve_dtype(dtype, device)
     params = torch.float32 if trained else compute
     if world() == 1 and params == compute:
@@ -202,7 +219,8 @@ def save_dtype(args):
         return getattr(torch, args.save_dtype)
     from transformers import AutoConfig
 
-    stored = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).dtype
+    config = AutoConfig.from_pretrained(lora.base_model_path(args.model), trust_remote_code=args.trust_remote_code)
+    stored = config.dtype
     return getattr(torch, stored) if isinstance(stored, str) else stored or torch.float32
 
 
@@ -227,7 +245,7 @@ def check_model_path(path, allow_pickle=False):
         check_hub_reachable(path)
         return
     files = os.listdir(path)
-    if "config.json" not in files:
+    if "config.json" not in files and not lora.is_adapter(path):
         raise UserError(f"{path}: no config.json, so not a Hugging Face model directory")
     if not any(f.endswith(".safetensors") for f in files):
         if not any(f.endswith(".bin") for f in files):
@@ -257,6 +275,8 @@ def load_tokenizer(path, trust_remote_code=False):
     check_model_path(path, allow_pickle=True)  # the tokenizer has no weights; load_model checks them
     from transformers import AutoTokenizer
 
+    if lora.is_adapter(path) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        path = lora.base_model_path(path)  # an adapter saved without its tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -209,7 +209,7 @@ def main(argv=None):
     device = common.setup(args)
 
     tokenizer, policy = models.load_policy(args, device)
-    ref_model = models.load_reference(args, device)
+    ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
     reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
                                                       args.allow_pickle, trained, args.padding_free)
                                  for trained in (False, True))
@@ -314,7 +314,7 @@ def main(argv=None):
         state.end_step(step, loss_policy=sums.values["loss/policy_avg"], loss_value=sums.values["loss/value_avg"])
 
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
-    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args))
+    checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     if args.save_value_model:
         rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"), models.save_dtype(args))
     logger.close()

@@ -45,17 +45,18 @@ def reward_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef=0.0):
 class RewardModel(torch.nn.Module):
     """A decoder backbone (AutoModel: no LM head) and a linear head giving one scalar per position."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, dtype=None):
         super().__init__()
         self.backbone = backbone
         self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1, bias=False,
-                                          device=backbone.device, dtype=backbone.dtype)
+                                          device=backbone.device, dtype=dtype or backbone.dtype)
         self._no_split_modules = backbone._no_split_modules  # models.shard_model shards these layers
 
     def forward(self, input_ids, attention_mask, position_ids):
         """(B, T) float32 values: the head applied to the hidden state at every position."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
+        hidden = hidden.to(self.value_head.weight.dtype)  # a float32 head on a LoRA backbone computing in bf16
         return self.value_head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks want a fresh tensor
 
 
@@ -88,9 +89,10 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
     return sharded_like_backbone(model, device, dtype)
 
 
-def save_reward_model(model, tokenizer, out_dir, dtype=None):
-    """The backbone as a HF directory and the head as value_head.safetensors, in `dtype` (every rank must call this)."""
-    checkpoint.save_model(model.backbone, tokenizer, out_dir, dtype, value_head=model.value_head)
+def save_reward_model(model, tokenizer, out_dir, dtype=None, merge=False):
+    """The backbone as a HF directory (or its LoRA adapter, merged with `merge`) and the head as
+    value_head.safetensors, in `dtype` (every rank must call this)."""
+    checkpoint.save_model(model.backbone, tokenizer, out_dir, dtype, merge, value_head=model.value_head)
 
 
 def rm_step(rewards, n_pairs, args):
@@ -146,11 +148,10 @@ def main(argv=None):
 
     examples = load(args.data)
     heldout = args.eval_data and batching.heldout_chunks(load(args.eval_data), args.batch_size)
-    backbone = models.load_model(args.model, device, args.dtype, args.trust_remote_code, AutoModel, args.allow_pickle,
-                                 trained=True, padding_free=args.padding_free)
+    backbone = models.load_trained(args, device, AutoModel)  # with --lora_r: a LoRA backbone, the head trained in full
     if args.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = sharded_like_backbone(RewardModel(backbone), device, args.dtype)
+    model = sharded_like_backbone(RewardModel(backbone, torch.float32), device, args.dtype)
     optimizer, scheduler = common.make_optimizer(model, args)
     pad_id = tokenizer.pad_token_id
     # checkpoint-N is rm's own format (backbone + value_head.safetensors): load_reward_model loads it
@@ -182,7 +183,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
-    save_reward_model(model, tokenizer, args.output_dir, models.save_dtype(args))
+    save_reward_model(model, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     logger.close()
 
 

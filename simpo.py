@@ -182,7 +182,7 @@ def main(argv=None):
         logger.update()
         state.end_step(step, loss=sums.values["loss"], grad_norm=grad_norm)
 
-    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args))
+    checkpoint.save_model(model, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     logger.close()
 
 
