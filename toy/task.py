@@ -125,9 +125,9 @@ def build_tiny_model(out_dir=TINY_MODEL_DIR, seed=0):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation apart: ':cat' is ':' 'cat'
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
+    tokenizer.add_tokens(["<|system|>", "<|user|>", "<|assistant|>"])  # whole, not split at | (not special)
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
