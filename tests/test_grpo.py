@@ -50,11 +50,14 @@ def test_group_advantages_none_and_batch():
 # ---------------------------------------------------------------- loss
 
 def loss_of(logps, advantages, mask, loss_type, n_sequences=None, n_tokens=None, old_logps=None, ref_logps=None,
-            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5):
+            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5, importance_sampling_level="token",
+            use_bias_correction_kl=False):
     old_logps = logps.detach() if old_logps is None else old_logps
-    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type, epsilon_low=epsilon_low,
-                          epsilon_high=epsilon_high, beta=beta, n_sequences=n_sequences or len(mask),
-                          n_tokens=n_tokens or float(mask.sum()), max_new_tokens=max_new_tokens)
+    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type,
+                          importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
+                          epsilon_high=epsilon_high, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+                          n_sequences=n_sequences or len(mask), n_tokens=n_tokens or float(mask.sum()),
+                          max_new_tokens=max_new_tokens)
 
 
 # two sequences, 2 and 4 tokens, A = 1 and -0.25; ratio 1, so L_t = -A: [-1, -1] and [0.25] * 4.
@@ -161,11 +164,11 @@ def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_pa
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"]]
     prompts = [{**ex, "row": row} for ex, row in zip(formats.tokenize(rows, tokenizer, 64, ()), rows)]
     reward_fns = [reward_functions.load_reward_fn(os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward")]
-    sampled = grpo.rollout(policy, None, None, reward_fns, reward_functions.reward_kwargs(0, 1, print), prompts,
-                           tokenizer, args, CPU)
+    groups = grpo.sample(policy, None, reward_fns, reward_functions.reward_kwargs(0, 1, print), torch.ones(1),
+                         prompts, tokenizer, args, CPU)
     # each of the 2 * 2 responses is the one token <end_of_turn>, not 8 tokens running past it
-    assert sampled.batch["labels"].tolist() == [[end_of_turn]] * 4
-    assert sampled.has_eos.tolist() == [True] * 4
+    assert [g.completions for g in groups] == [[[end_of_turn]] * 2] * 2
+    assert [g.has_eos for g in groups] == [[True] * 2] * 2
     # end to end, on the toy data: no response is clipped, and the toy eval stops there too
     out = str(tmp_path / "grpo")
     grpo.main(["--model", path, "--output_dir", out, "--max_steps", "1", "--batch_size", "2", "--num_generations",
