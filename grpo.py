@@ -194,8 +194,8 @@ def heldout_metrics(policy, reward_model, reward_fns, reward_kwargs, weights, ch
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
             groups = sample(policy, reward_model, reward_fns, reward_kwargs, weights, chunk, tokenizer, args, device)
-            rewards = reward_functions.total_rewards(torch.tensor([r for g in groups for r in g.rewards], device=device),
-                                                     weights)
+            rewards = torch.tensor([r for g in groups for r in g.rewards], device=device)
+            rewards = reward_functions.total_rewards(rewards, weights)
             sums.add({"reward": rewards.nansum(), "scored": (~rewards.isnan()).sum()})
     totals = sums.total(device)
     return {"eval/reward": totals["reward"] / totals["scored"] if totals["scored"] else math.nan}

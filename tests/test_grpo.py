@@ -152,7 +152,8 @@ def test_gspo_clips_one_ratio_per_sequence():
                                      importance_sampling_level="sequence")
         loss.backward()
         assert loss.item() == pytest.approx(value, abs=1e-6)
-        torch.testing.assert_close(logps.grad, torch.tensor([[0.0, 0.0, 0.0], [s1 / 3 * weight] * 3]), atol=1e-6, rtol=0)
+        expected = torch.tensor([[0.0, 0.0, 0.0], [s1 / 3 * weight] * 3])
+        torch.testing.assert_close(logps.grad, expected, atol=1e-6, rtol=0)
         assert high.tolist() == [[1.0, 1.0, 1.0], [0.0] * 3] and low.sum() == 0
     # per token, sequence 0's first token (ratio e^0.1 = 1.105) is not clipped: the levels differ
     token, _, _, _ = loss_of(logps, torch.tensor([1.0, -1.0]), mask, "grpo", old_logps=old)
@@ -184,7 +185,8 @@ def test_kl_bias_correction_weights_k3_by_the_ratio_and_gives_the_reverse_kl_gra
     for correct, value, grad in [
         # plain: beta * k3;  d/d logp (rho - log rho - 1) = -rho + 1 = 0.5
         (False, 0.1 * k3, 0.1 * 0.5),
-        # corrected: beta * r * k3;  d/d logp = beta * r * (k3 + 1 - rho) = beta * r * (logp - ref_logp) = beta * 1.25 * log 2
+        # corrected: beta * r * k3;  d/d logp = beta * r * (k3 + 1 - rho) = beta * r * (logp - ref_logp)
+        #                                     = beta * 1.25 * log 2
         (True, 0.1 * 1.25 * k3, 0.1 * 1.25 * math.log(2)),
     ]:
         logps.grad = None
