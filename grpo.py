@@ -280,7 +280,7 @@ def main(argv=None):
     reward_fns = [reward_functions.load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device) if args.beta > 0 else None
-    reward_model = args.reward_model and reward_functions.load_reward_model(
+    reward_model = None if args.reward_model is None else reward_functions.load_reward_model(
         args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
         args.padding_free)
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
