@@ -21,6 +21,7 @@ import itertools
 import random
 
 import torch
+import torch.distributed as dist
 
 from common import UserError, rank, world
 
@@ -150,6 +151,21 @@ def micro_batches(examples, step, args, grad_accum=None):
     start = i * per_step
     return [[examples[j] for j in order[start + (m * N + r) * B: start + (m * N + r + 1) * B]]
             for m in range(grad_accum)]
+
+
+def gather_global(items, batch_size):
+    """Every rank's items, each rank's in its micro-batches of batch_size, as one list in micro_batches' global
+    order (micro-batch, then rank): the same list on every rank, whatever the number of ranks."""
+    if world() == 1:
+        return items
+    everyone = [None] * world()
+    dist.all_gather_object(everyone, items)
+    return [x for m in range(0, len(items), batch_size) for theirs in everyone for x in theirs[m:m + batch_size]]
+
+
+def rank_share(items, batch_size):
+    """This rank's share of a global list, dealt as micro_batches deals a global batch (its inverse)."""
+    return [x for n, x in enumerate(items) if (n // batch_size) % world() == rank()]
 
 
 def heldout_chunks(examples, batch_size):

@@ -6,18 +6,27 @@ rm.py (--reward_model). One step:
 
 1. Rollout, no grad: sample G = --num_generations responses o_1..o_G ~ pi_old(.|q) for each prompt
    q at temperature T (top_k=0, top_p=1), cut after the first EOS; score each, R_i = sum_k w_k R_k(q, o_i).
-2. Advantage of o_i, the same for each of its tokens (--scale_rewards):
-       group:  A_i = (R_i - mean_group(R)) / (std_group(R) + 1e-4)      std with Bessel's correction
-       batch:  the same with the std over the whole batch
-       none:   A_i = R_i - mean_group(R)                                 (Dr. GRPO)
+   --overlong_buffer L adds DAPO's length reward: -p * max(0, |o_i| - (--max_new_tokens - L)) / L.
+   --dynamic_sampling (DAPO): groups whose R are all equal (std 0: A = 0, no signal) are dropped and
+   more prompts sampled, up to --max_resample_rounds times, until the batch is full of informative ones.
+2. Advantage of o_i, the same for each of its tokens. The baseline (--advantage):
+       grpo:  A_i = R_i - mean_group(R);    rloo: A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean_group(R))
+   then divided (--scale_rewards) by std_group(R) + 1e-4 (group), the whole batch's std of R (batch), the
+   whole batch's std of the A_i + 1e-4 (centered_batch: REINFORCE++-baseline), or nothing (none: Dr. GRPO).
+   Stds with Bessel's correction.
 3. --num_iterations optimizer steps on the rollout (with 1, pi_old is pi_theta detached: ratio 1 in value):
        ratio_t = pi_theta(o_t|q, o_<t) / pi_old(o_t|q, o_<t)          (log-probs of logits / T, float32)
        L_t  = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
        KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1               (k3, in the loss, not the reward)
-   aggregated over the global batch (all micro-batches and ranks) by --loss_type:
-       grpo:    mean over sequences of (token mean within the sequence)    (DeepSeekMath)
+   GSPO (--importance_sampling_level sequence): ratio_t = s_i = exp(mean_t log(pi_theta/pi_old)) for every
+   token of o_i, one clip per sequence. CISPO (--loss_type cispo): L_t = -sg(clip(ratio_t)) * A_i *
+   log pi_theta(o_t) + beta * KL_t, every token keeps its gradient. --use_bias_correction_kl: KL_t times
+   ratio_t (per token; DeepSeek-V3.2), an unbiased estimate of KL(pi_theta || pi_ref) on pi_old's samples.
+   Aggregated over the global batch (all micro-batches and ranks) by --loss_type:
+       grpo:    mean over sequences of (token mean within the sequence)    (DeepSeekMath; GSPO's)
        dr_grpo: token sum / (number of sequences * --max_new_tokens)    (Dr. GRPO)
-       dapo:    token sum / number of response tokens                    (DAPO; TRL's default)
+       dapo, cispo: token sum / number of response tokens              (DAPO; TRL's default; MiniMax-M1)
+   --mask_truncated_completions leaves responses without EOS out of the loss (and its counts).
 
 Sizes per device: a micro-batch is --batch_size prompts, so --batch_size * G sampled responses; a
 rollout is --grad_accum micro-batches. The G responses of a prompt stay on one rank, so the group
@@ -30,10 +39,10 @@ models set e.g. --lr 1e-6. The reward on the toy data is the gold score (toy/rew
     python sft.py && python grpo.py                          # the toy task on CPU: out/sft -> out/grpo
     torchrun --nproc_per_node=8 grpo.py --model my/sft --data math.jsonl --reward_fn verify.py:accuracy --lr 1e-6
     python grpo.py --loss_type dr_grpo --scale_rewards none  # Dr. GRPO;  --epsilon_high 0.28: DAPO's clip-higher
+    python grpo.py --importance_sampling_level sequence --loss_type grpo --epsilon 3e-4 --epsilon_high 4e-4  # GSPO
 """
 import math
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -45,28 +54,29 @@ import formats
 import logprobs
 import models
 import reward_functions
-import rm
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
 
 TOY_REWARD_FN = os.path.join(TOY_DIR, "rewards.py") + ":gold_reward"
 
 
-def group_advantages(rewards, num_generations, scale_rewards):
+def group_advantages(rewards, num_generations, scale_rewards, advantage="grpo"):
     """A_i (N,) for rewards (N,) laid out as N / G groups of G consecutive responses:
-        group: (R_i - mean_group R) / (std_group R + 1e-4);  batch: the std over every rank's rewards;
-        none:  R_i - mean_group R.
-    std with Bessel's correction. A NaN reward (no reward function scored the response) is left out of the
-    means and stds, and its A is 0, as in TRL. Also returns each group's std (N / G,; NaN under two scored
-    responses): a group whose rewards are all equal has A = 0 and teaches nothing."""
+        grpo: R_i - mean_group R;  rloo: R_i - mean_{j != i} R_j (the other scored responses of the group)
+    divided by group: std_group R + 1e-4;  batch: the std of every rank's R + 1e-4;  centered_batch: the std
+    of every rank's A + 1e-4;  none: 1. std with Bessel's correction. A NaN reward (no reward function scored
+    the response) is left out of the means and stds, and its A is 0, as in TRL. Also returns each group's std
+    (N / G,; NaN under two scored responses): a group whose rewards are all equal has A = 0, teaching nothing."""
     groups = rewards.view(-1, num_generations)
     advantages = (groups - groups.nanmean(-1, keepdim=True)).flatten()
     scored = (~groups.isnan()).sum(-1)
     group_std = torch.where(scored > 1, (advantages.view_as(groups) ** 2).nansum(-1) / (scored - 1), torch.nan).sqrt()
+    if advantage == "rloo":  # R_i - (n mean - R_i) / (n - 1) = n / (n - 1) (R_i - mean), n scored in the group
+        advantages = advantages * (scored / (scored - 1).clamp(min=1)).repeat_interleave(num_generations)
     if scale_rewards == "group":
         advantages = advantages / (group_std.repeat_interleave(num_generations) + 1e-4)
-    elif scale_rewards == "batch":
-        _, batch_std = scored_mean_std(rewards, rewards.device)
+    elif scale_rewards in ("batch", "centered_batch"):
+        _, batch_std = scored_mean_std(rewards if scale_rewards == "batch" else advantages, rewards.device)
         advantages = advantages / (batch_std + 1e-4)
     return advantages.nan_to_num(0.0), group_std
 
@@ -79,26 +89,34 @@ def scored_mean_std(rewards, device):
     return common.global_mean_std(rewards.nan_to_num(), device, scored.float())
 
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type, epsilon_low, epsilon_high, beta,
-              n_sequences, n_tokens, max_new_tokens):
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type, importance_sampling_level, epsilon_low,
+              epsilon_high, beta, use_bias_correction_kl, n_sequences, n_tokens, max_new_tokens):
     """This micro-batch's part of the loss of the global batch:
-        ratio_t = exp(logp_t - old_logp_t)
+        ratio_t = exp(logp_t - old_logp_t);  sequence (GSPO): exp(mean over the sequence's tokens of that)
         L_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+        cispo: L_t = -sg(clip(ratio_t, 1 - eps_low, 1 + eps_high)) * A * logp_t + beta * KL_t
         KL_t = exp(ref_logp_t - logp_t) - (ref_logp_t - logp_t) - 1          (k3: pi_ref/pi - log(pi_ref/pi) - 1)
+               times exp(logp_t - old_logp_t) with use_bias_correction_kl (per token at either level)
         grpo:    sum over sequences of (token mean of L_t) / n_sequences
         dr_grpo: token sum of L_t / (n_sequences * max_new_tokens)
-        dapo:    token sum of L_t / n_tokens
+        dapo, cispo: token sum of L_t / n_tokens
     logps, old_logps, ref_logps (None when beta = 0), mask: (B, C); advantages: (B,). n_sequences, n_tokens:
     the counts of the global batch, so that its micro-batches and ranks add up to its loss. Also returns,
-    per token (B, C): KL_t and whether the low or the high clip is active (ratio < 1 - eps_low with A < 0,
-    ratio > 1 + eps_high with A > 0: the token has no gradient)."""
-    ratio = torch.exp(logps - old_logps)
-    a = advantages[:, None]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * a)
+    per token (B, C): KL_t (k3) and whether the low or the high clip is active (ratio < 1 - eps_low with A < 0,
+    ratio > 1 + eps_high with A > 0: the token has no gradient; cispo: the weight is clipped, whatever A)."""
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":  # the length-normalised sequence likelihood ratio, per token
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(mask)
+    ratio, a = torch.exp(log_ratio), advantages[:, None]
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    if loss_type == "cispo":
+        per_token = -clipped.detach() * a * logps
+    else:
+        per_token = -torch.min(ratio * a, clipped * a)
     kl = torch.zeros_like(logps)
     if beta > 0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * kl * (torch.exp(logps - old_logps) if use_bias_correction_kl else 1)
     per_token = per_token * mask
     if loss_type == "grpo":
         loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_sequences
@@ -106,83 +124,78 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type, epsil
         loss = per_token.sum() / (n_sequences * max_new_tokens)
     else:
         loss = per_token.sum() / n_tokens
-    low, high = (ratio < 1 - epsilon_low) & (a < 0), (ratio > 1 + epsilon_high) & (a > 0)
+    any_sign = loss_type == "cispo"
+    low, high = (ratio < 1 - epsilon_low) & ((a < 0) | any_sign), (ratio > 1 + epsilon_high) & ((a > 0) | any_sign)
     return loss, kl.detach(), low.float(), high.float()
 
 
 def grpo_step(logps, entropy, old_logps, ref_logps, advantages, mask, n_sequences, n_tokens, args):
     """A micro-batch of responses -> (its share of the global batch's loss, its shares of the global batch's
     token means, named). logps, entropy: the policy's (B, C); old_logps, ref_logps (None when --beta is 0),
-    advantages (B,): the rollout's; n_sequences, n_tokens: the global batch's responses and response tokens."""
+    advantages (B,): the rollout's; mask: the tokens in the loss; n_sequences, n_tokens: the global batch's
+    responses and response tokens in the loss."""
     loss, kl, low, high = grpo_loss(
-        logps, old_logps, ref_logps, advantages, mask, loss_type=args.loss_type, epsilon_low=args.epsilon,
-        epsilon_high=args.epsilon_high, beta=args.beta, n_sequences=n_sequences, n_tokens=n_tokens,
-        max_new_tokens=args.max_new_tokens)
+        logps, old_logps, ref_logps, advantages, mask, loss_type=args.loss_type,
+        importance_sampling_level=args.importance_sampling_level, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high, beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
+        n_sequences=n_sequences, n_tokens=n_tokens, max_new_tokens=args.max_new_tokens)
     return loss, {"loss": loss, **({"kl": (kl * mask).sum() / n_tokens} if args.beta > 0 else {}),
                   "clip_ratio/low_mean": (low * mask).sum() / n_tokens,
                   "clip_ratio/high_mean": (high * mask).sum() / n_tokens,
                   "entropy": (entropy * mask).sum() / n_tokens}
 
 
-class Rollout(NamedTuple):
-    """Sampled responses and their no-grad scores: the scoring batch (batching.collate layout, the G responses
-    of a prompt in consecutive rows), has_eos (N,), the rewards of each source (N, sources), and the policy's
-    old_logps (with --num_iterations > 1) and the reference's ref_logps (with --beta > 0), (N, C) or None."""
-    batch: dict
-    has_eos: torch.Tensor
-    rewards: torch.Tensor
-    old_logps: torch.Tensor | None
-    ref_logps: torch.Tensor | None
+class Group(NamedTuple):
+    """A prompt example and its G sampled responses (id lists), whether each ended with EOS, their rewards (G lists
+    of one per source), and the std of their total rewards (> 0: A != 0, something to learn; NaN under two scored)."""
+    prompt: dict
+    completions: list
+    has_eos: list
+    rewards: list
+    std: float
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, prompts, tokenizer, args, device, logps=True):
-    """Sample G responses per prompt, then score them: a Rollout. The policy scores in eval mode, as it
-    sampled; its mode is restored after. reward_kwargs: the reward functions' keywords besides the columns.
-    `logps` False (an evaluation, which reads the rewards only): no old or reference log-probs."""
-    pad_id, size = tokenizer.pad_token_id, args.local_rollout_forward_batch_size
-    stop = common.stop_ids(policy.generation_config, tokenizer)
-    expanded = [p for p in prompts for _ in range(args.num_generations)]
+def sample(policy, reward_model, reward_fns, reward_kwargs, weights, prompts, tokenizer, args, device):
+    """G responses per prompt, scored: a Group per prompt. reward_kwargs: the reward functions' keywords besides
+    the data columns; weights: one per reward source."""
+    G, size = args.num_generations, args.local_rollout_forward_batch_size
+    expanded = [p for p in prompts for _ in range(G)]
     completions = common.generate_completions(policy, expanded, tokenizer, device, size)
-    batch = batching.collate([p["prompt"] for p in expanded], completions, pad_id, device)
-    has_eos = torch.tensor([c[-1] in stop for c in completions], device=device)
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    rows = [p["row"] for p in expanded]
-    texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
-    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
-    rewards = [reward_functions.call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns,
-                                               reward_kwargs) for name, fn in reward_fns]
-    parts = {"old_logps": [], "ref_logps": [], "scores": []}
+    stop = common.stop_ids(policy.generation_config, tokenizer)
+    overlong = (args.max_new_tokens, args.overlong_buffer, args.overlong_penalty) if args.overlong_buffer else None
+    rewards = reward_functions.score(expanded, completions, tokenizer, reward_fns, reward_kwargs, reward_model,
+                                     overlong, device, size)
+    _, group_std = group_advantages(reward_functions.total_rewards(rewards, weights), G, "none")
+    return [Group(p, completions[i * G:(i + 1) * G], [c[-1] in stop for c in completions[i * G:(i + 1) * G]],
+                  rewards[i * G:(i + 1) * G].tolist(), float(group_std[i])) for i, p in enumerate(prompts)]
+
+
+@torch.no_grad()
+def rollout_logps(policy, ref_model, batch, args):
+    """The rollout's old_logps (with --num_iterations > 1) and ref_logps (with --beta > 0): (N, C) or None. The
+    policy scores in eval mode, as it sampled; its mode is restored after."""
+    size, parts = args.local_rollout_forward_batch_size, ([], [])
     with common.evaluating(policy):
-        for i in range(0, len(expanded), size):
+        for i in range(0, len(batch["labels"]), size):
             chunk = {k: v[i:i + size] for k, v in batch.items()}
-            if args.num_iterations > 1 and logps:
-                parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
-            if args.beta > 0 and logps:
-                parts["ref_logps"].append(logprobs.token_logps(ref_model, chunk, args.temperature))
-            if reward_model is not None:
-                parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
-    rewards = torch.tensor(rewards, device=device).reshape(len(reward_fns), len(expanded)).T
-    scores = parts.pop("scores")
-    if reward_model is not None:
-        rewards = torch.cat([rewards, torch.cat(scores)[:, None].float()], 1)
-    if rewards.isnan().all(1).any():
-        warnings.warn("every reward function returned None for a response: it has A = 0 and no part in the "
-                      "reward metrics; make at least one reward function score every response")
-    return Rollout(batch, has_eos, rewards, **{k: torch.cat(v) if v else None for k, v in parts.items()})
+            if args.num_iterations > 1:
+                parts[0].append(logprobs.token_logps(policy, chunk, args.temperature))
+            if args.beta > 0:
+                parts[1].append(logprobs.token_logps(ref_model, chunk, args.temperature))
+    return [torch.cat(part) if part else None for part in parts]
 
 
-def heldout_metrics(policy, ref_model, reward_model, reward_fns, reward_kwargs, weights, chunks, tokenizer, args,
-                    device):
-    """`eval/reward`: the mean weighted reward of G responses per held-out prompt, sampled as in rollout
+def heldout_metrics(policy, reward_model, reward_fns, reward_kwargs, weights, chunks, tokenizer, args, device):
+    """`eval/reward`: the mean weighted reward of G responses per held-out prompt, sampled as in training
     (seeded: the same draws at every evaluation, training RNG untouched), over the responses scored."""
     sums = common.Sums()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + common.rank())
         for chunk in chunks:
-            sampled = rollout(policy, ref_model, reward_model, reward_fns, reward_kwargs, chunk, tokenizer, args,
-                              device, logps=False)
-            rewards = reward_functions.total_rewards(sampled.rewards, weights)
+            groups = sample(policy, reward_model, reward_fns, reward_kwargs, weights, chunk, tokenizer, args, device)
+            rewards = torch.tensor([r for g in groups for r in g.rewards], device=device)
+            rewards = reward_functions.total_rewards(rewards, weights)
             sums.add({"reward": rewards.nansum(), "scored": (~rewards.isnan()).sum()})
     totals = sums.total(device)
     return {"eval/reward": totals["reward"] / totals["scored"] if totals["scored"] else math.nan}
@@ -202,24 +215,48 @@ def parse_args(argv=None):
                         "any eos_token_id of the model's generation_config (e.g. <end_of_turn>)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling and scoring temperature T")
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (0: no reference model; DeepSeekMath: 0.04)")
-    p.add_argument("--epsilon", type=float, default=0.2, help="eps_low, the clip below 1")
-    p.add_argument("--epsilon_high", type=float, default=None, help="eps_high (default: --epsilon; DAPO: 0.28)")
-    p.add_argument("--loss_type", default="dapo", choices=["grpo", "dr_grpo", "dapo"],
-                   help="how token losses add up: grpo: mean per response, then over responses; "
-                        "dr_grpo: sum / (responses * max_new_tokens); dapo: mean over all response tokens")
-    p.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
-                   help="divide advantages by the std of the group, of the batch, or not at all (Dr. GRPO)")
+    p.add_argument("--use_bias_correction_kl", action="store_true",
+                   help="KL_t times ratio_t: unbiased off-policy (DeepSeek-V3.2; TRL 1.16's default)")
+    p.add_argument("--epsilon", type=float, default=None, help="eps_low, the clip below 1 (default 0.2; cispo: 1, "
+                   "no lower bound, as MiniMax-M1)")
+    p.add_argument("--epsilon_high", type=float, default=None,
+                   help="eps_high (default: --epsilon; DAPO: 0.28; cispo: 4, TRL's epsilon_high 5 = 1 + eps_high)")
+    p.add_argument("--loss_type", default="dapo", choices=["grpo", "dr_grpo", "dapo", "cispo"],
+                   help="how token losses add up: grpo: mean per response, then over responses; dr_grpo: sum / "
+                        "(responses * max_new_tokens); dapo: mean over all response tokens; cispo: dapo's mean of "
+                        "CISPO's loss")
+    p.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
+                   help="sequence: GSPO's one ratio per response (with --loss_type grpo, as the paper)")
+    p.add_argument("--advantage", default="grpo", choices=["grpo", "rloo"],
+                   help="baseline: the group mean (grpo) or the mean of the other G - 1 responses (rloo)")
+    p.add_argument("--scale_rewards", default="group", choices=["group", "batch", "centered_batch", "none"],
+                   help="divide advantages by the std of the group's rewards, of the batch's, of the batch's "
+                        "advantages (REINFORCE++-baseline), or not at all (Dr. GRPO)")
+    p.add_argument("--dynamic_sampling", action="store_true",
+                   help="DAPO: drop groups of equal rewards and sample more prompts in their place")
+    p.add_argument("--max_resample_rounds", type=int, default=3,
+                   help="with --dynamic_sampling: sampling rounds after the first; then zero-std groups fill up")
+    p.add_argument("--mask_truncated_completions", action="store_true", help="leave responses without EOS out of "
+                   "the loss")
+    p.add_argument("--overlong_buffer", type=int, default=0, help="L: DAPO's length penalty over the last L tokens "
+                   "before --max_new_tokens (0: none)")
+    p.add_argument("--overlong_penalty", type=float, default=1.0, help="p: the penalty at --max_new_tokens")
     p.add_argument("--num_iterations", type=int, default=1, help="mu, optimizer steps per rollout")
     p.add_argument("--local_rollout_forward_batch_size", type=int, default=64, help="rows per no-grad forward")
     p.add_argument("--num_sample_generations", type=int, default=10, help="times a sample is printed (0: never)")
     args = p.parse_args(argv)
+    cispo = args.loss_type == "cispo"
+    if args.epsilon is None:
+        args.epsilon = 1.0 if cispo else 0.2
     if args.epsilon_high is None:
-        args.epsilon_high = args.epsilon
+        args.epsilon_high = 4.0 if cispo else args.epsilon
     for name in ("max_new_tokens", "num_iterations", "local_rollout_forward_batch_size", "temperature", "epsilon",
                  "epsilon_high"):
         common.check_range(args, name, above=0)
     common.check_range(args, "num_generations", low=2)
-    common.check_range(args, "beta", low=0)
+    for name in ("beta", "max_resample_rounds", "overlong_penalty"):
+        common.check_range(args, name, low=0)
+    common.check_range(args, "overlong_buffer", low=0, high=args.max_new_tokens)
     if args.max_new_tokens >= args.max_length:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in "
                                f"--max_length {args.max_length}")
@@ -242,17 +279,14 @@ def main(argv=None):
 
     reward_fns = [reward_functions.load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
-    ref_model = reward_model = None
-    if args.beta > 0:
-        ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
-    if args.reward_model is not None:
-        reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                          args.allow_pickle, padding_free=args.padding_free))
-        if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model "
-                                   f"{args.model}; train the reward model from the same base")
+    ref_model = models.load_reference(args, device, policy=policy) if args.beta > 0 else None  # LoRA: adapter off
+    reward_model = None if args.reward_model is None else reward_functions.load_reward_model(
+        args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
+        args.padding_free)
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
-    weights = torch.tensor(args.reward_weights or [1.0] * len(names), device=device)
+    weights = torch.tensor((args.reward_weights or [1.0] * len(names)) + [1.0] * bool(args.overlong_buffer),
+                           device=device)  # --overlong_penalty scales the overlong penalty
+    names += ["overlong_penalty"] * bool(args.overlong_buffer)
     generation_config = common.set_sampling(policy, args, tokenizer)
     # the schedule runs over every optimizer step: num_iterations per rollout
     optimizer, scheduler = common.make_optimizer(policy, args, total_steps=args.max_steps * args.num_iterations)
@@ -277,8 +311,7 @@ def main(argv=None):
     def evaluation(step):  # the held-out rollouts' log_metric values are not logged
         kwargs = reward_functions.reward_kwargs(step, args.max_steps, log_metric=lambda name, value: None)
         return {**(evaluate(policy, tokenizer, args, device) if toy else {}), **(heldout_metrics(
-            policy, ref_model, reward_model, reward_fns, kwargs, weights, heldout, tokenizer, args, device)
-            if heldout else {})}
+            policy, reward_model, reward_fns, kwargs, weights, heldout, tokenizer, args, device) if heldout else {})}
 
     step_metrics = {}  # what the reward functions log_metric in this step's rollout: name -> values
 
@@ -290,25 +323,45 @@ def main(argv=None):
         logger.log(0, evaluation(0))
     logger.tokens_per_second(device)  # start the step clock
     policy.train()  # the updates' mode, which rollouts and evaluations restore
+    rounds = 1 + args.dynamic_sampling * args.max_resample_rounds
+    global_prompts = args.batch_size * args.grad_accum * common.world()
     for step in range(start + 1, args.max_steps + 1):
-        batch_prompts = [p for mb in batching.micro_batches(prompts, step - 1, args) for p in mb]
         step_metrics.clear()
         kwargs = reward_functions.reward_kwargs(step - 1, args.max_steps, log_metric)
-        sampled = rollout(policy, ref_model, reward_model, reward_fns, kwargs, batch_prompts, tokenizer, args, device)
-        batch = sampled.batch
-        rewards = reward_functions.total_rewards(sampled.rewards, weights)
-        advantages, group_std = group_advantages(rewards, args.num_generations, args.scale_rewards)
+        groups, sampled = [], common.Sums()
+        for k in range(rounds):  # round k takes the data's global batch (step - 1) * rounds + k: resume-safe
+            new = sample(policy, reward_model, reward_fns, kwargs, weights, [p for mb in batching.micro_batches(
+                prompts, (step - 1) * rounds + k, args) for p in mb], tokenizer, args, device)
+            sampled.add({"frac_reward_zero_std": sum(g.std == 0 for g in new), "groups": len(new)})
+            groups += batching.gather_global(new, args.batch_size) if args.dynamic_sampling else new
+            if sum(g.std > 0 for g in groups) >= global_prompts:
+                break
+        if args.dynamic_sampling:  # every rank has every group, and all keep the same: the first informative ones
+            kept = sorted(sorted(range(len(groups)), key=lambda i: not groups[i].std > 0)[:global_prompts])
+            groups = batching.rank_share([groups[i] for i in kept], args.batch_size)
+        batch_prompts = [g.prompt for g in groups]
+        completions = [c for g in groups for c in g.completions]
+        batch = batching.collate([g.prompt["prompt"] for g in groups for _ in g.completions], completions,
+                                 tokenizer.pad_token_id, device)
+        has_eos = torch.tensor([e for g in groups for e in g.has_eos], device=device)
+        source_rewards = torch.tensor([r for g in groups for r in g.rewards], device=device)
+        rollout_old, rollout_ref = rollout_logps(policy, ref_model, batch, args)
+        rewards = reward_functions.total_rewards(source_rewards, weights)
+        advantages, _ = group_advantages(rewards, args.num_generations, args.scale_rewards, args.advantage)
         mask = (batch["labels"] != -100).float()
-        n_sequences, n_tokens = common.all_sum([len(mask), float(mask.sum())], device)
+        loss_mask = mask * has_eos[:, None] if args.mask_truncated_completions else mask
+        n_responses, n_sequences, n_tokens = common.all_sum(
+            [len(mask), float((loss_mask.sum(-1) > 0).sum()), float(loss_mask.sum())], device)
+        n_sequences, n_tokens = max(n_sequences, 1), max(n_tokens, 1)  # every response masked: loss 0
         sums, grad_norm = common.Sums(), 0.0
         for _ in range(args.num_iterations):
             for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
                 mb = {k: v[rows] for k, v in batch.items()}
                 logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
-                old_logps = sampled.old_logps[rows] if args.num_iterations > 1 else logps.detach()
-                ref_logps = sampled.ref_logps[rows] if args.beta > 0 else None
-                loss, metrics = grpo_step(logps, entropy, old_logps, ref_logps, advantages[rows], mask[rows],
-                                          n_sequences, n_tokens, args)
+                old = rollout_old[rows] if args.num_iterations > 1 else logps.detach()
+                ref = rollout_ref[rows] if args.beta > 0 else None
+                loss, metrics = grpo_step(logps, entropy, old, ref, advantages[rows], loss_mask[rows], n_sequences,
+                                          n_tokens, args)
                 (loss * common.world()).backward()  # FSDP averages gradients over ranks
                 sums.add(metrics)
                 logger.count(mb)
@@ -317,20 +370,17 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.max_steps:
             reward, reward_std = scored_mean_std(rewards, device)
-            # each source's mean over the responses it scored (TRL's nanmean)
-            per_source = common.all_sum(sampled.rewards.nansum(0).tolist() + (~sampled.rewards.isnan()).sum(0).tolist(),
-                                        device)
-            source_means = {f"rewards/{name}": total / n if n else math.nan
-                            for name, total, n in zip(names, per_source, per_source[len(names):])}
+            source_means = reward_functions.source_means(source_rewards, names, device)
             reward_fn_metrics = common.Sums()  # every rank's functions must log the same names, as in TRL
             reward_fn_metrics.add({name: sum(values) / len(values) for name, values in step_metrics.items()})
             responses = common.Sums()
-            responses.add({"frac_reward_zero_std": (group_std == 0).sum() * args.num_generations,
-                           "completions/mean_length": mask.sum(),
-                           "completions/clipped_ratio": (~sampled.has_eos).sum()})
+            responses.add({"completions/mean_length": mask.sum(), "completions/clipped_ratio": (~has_eos).sum()})
+            counts = sampled.total(device)  # frac_reward_zero_std: of every group sampled, before any is dropped
             logger.log(step, {
                 "reward": reward, "reward_std": reward_std, **source_means,
-                **common.means(responses.total(device), n_sequences),
+                **common.means(responses.total(device), n_responses),
+                "frac_reward_zero_std": counts["frac_reward_zero_std"] / counts["groups"],
+                **({"num_gen_batches": k + 1} if args.dynamic_sampling else {}),
                 **(common.means(reward_fn_metrics.total(device), common.world()) if step_metrics else {}),
                 # the update's means over its num_iterations optimizer steps
                 **{name: value / args.num_iterations for name, value in sums.total(device).items()},

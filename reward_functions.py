@@ -1,13 +1,19 @@
 """Reward functions in TRL's convention, for grpo.py's --reward_fn: loading one from a file, calling it with
-TRL's keywords, reading what it returns (None: no reward for this sample), and weighting several together."""
+TRL's keywords, reading what it returns (None: no reward for this sample), scoring sampled responses with
+them and a reward model, DAPO's overlong penalty, and weighting several rewards together."""
 import importlib.util
 import math
 import numbers
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
 
+import batching
+import common
+import models
+import rm
 from common import UserError
 
 
@@ -28,6 +34,16 @@ def load_reward_fn(spec):
     if not callable(fn):
         raise UserError(f"--reward_fn {spec}: {path} has no function {name!r}")
     return getattr(fn, "__name__", type(fn).__name__), fn
+
+
+def load_reward_model(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free):
+    """The frozen rm.py reward model at `path`; a UserError if its tokenizer is not the policy's (--model `model`)."""
+    reward_model = models.frozen(rm.load_reward_model(path, device, dtype, trust_remote_code, allow_pickle,
+                                                      padding_free=padding_free))
+    if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--reward_model {path} has another tokenizer than --model {model}; train the reward "
+                        "model from the same base")
+    return reward_model
 
 
 def reward_kwargs(global_step, max_steps, log_metric):
@@ -67,7 +83,47 @@ def call_reward_fn(name, fn, prompts, completions, completion_ids, columns, kwar
     return rewards
 
 
+def source_means(rewards, names, device):
+    """`rewards/<name>`: each source's mean over every rank's responses it scored (TRL's nanmean), for rewards
+    (N, sources)."""
+    sums = common.all_sum(rewards.nansum(0).tolist() + (~rewards.isnan()).sum(0).tolist(), device)
+    return {f"rewards/{name}": total / n if n else math.nan for name, total, n in zip(names, sums, sums[len(names):])}
+
+
 def total_rewards(rewards, weights):
     """(N, sources) rewards, NaN where a source gave none -> (N,) weighted sums over the sources that did,
     NaN where none did (TRL's nansum, the unscorable left out)."""
     return torch.where(rewards.isnan().all(1), torch.nan, (rewards * weights).nansum(1))
+
+
+def overlong_penalty(lengths, max_new_tokens, buffer, penalty):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) times `penalty`, for lengths (N,) in tokens:
+    0 up to max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens (the cap: no response
+    is longer, so eq. 13's -1 beyond it never applies)."""
+    return -penalty * (lengths - (max_new_tokens - buffer)).clamp(min=0) / buffer
+
+
+@torch.no_grad()
+def score(expanded, completions, tokenizer, reward_fns, kwargs, reward_model, overlong, device, size):
+    """The rewards (N, sources) of responses `completions` (id lists) to `expanded` (prompt examples with their
+    data `row`): each --reward_fn, then the reward model (None: none), then with overlong = (max_new_tokens,
+    buffer, penalty) the overlong penalty. kwargs: the functions' keywords besides the data columns; size: the
+    rows per reward-model forward."""
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    rows = [p["row"] for p in expanded]
+    texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
+    rewards = torch.tensor([call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns, kwargs)
+                            for name, fn in reward_fns], device=device).reshape(len(reward_fns), len(rows)).T
+    if reward_model is not None:
+        batch = batching.collate([p["prompt"] for p in expanded], completions, tokenizer.pad_token_id, device)
+        scores = [rm.last_token_rewards(reward_model, {k: v[i:i + size] for k, v in batch.items()})
+                  for i in range(0, len(rows), size)]
+        rewards = torch.cat([rewards, torch.cat(scores)[:, None].float()], 1)
+    if overlong is not None:
+        lengths = torch.tensor([float(len(c)) for c in completions], device=device)
+        rewards = torch.cat([rewards, overlong_penalty(lengths, *overlong)[:, None]], 1)
+    if rewards.isnan().all(1).any():
+        warnings.warn("every reward function returned None for a response: it has A = 0 and no part in the "
+                      "reward metrics; make at least one reward function score every response")
+    return rewards

@@ -34,6 +34,15 @@ RUNS = [
     ("GRPO (dapo loss, default)", "grpo.py", []),
     ("GRPO (grpo loss)", "grpo.py", ["--loss_type", "grpo"]),
     ("GRPO (dr_grpo loss)", "grpo.py", ["--loss_type", "dr_grpo"]),
+    ("GSPO (grpo loss, eps 3e-4/4e-4, 2 iterations)", "grpo.py", [
+        "--importance_sampling_level", "sequence", "--loss_type", "grpo", "--epsilon", "3e-4", "--epsilon_high", "4e-4",
+        "--num_iterations", "2"]),
+    ("CISPO (2 iterations)", "grpo.py", ["--loss_type", "cispo", "--num_iterations", "2"]),
+    ("RLOO (scale_rewards none)", "grpo.py", ["--advantage", "rloo", "--scale_rewards", "none"]),
+    ("REINFORCE++-baseline", "grpo.py", ["--scale_rewards", "centered_batch"]),
+    ("GRPO + dynamic sampling", "grpo.py", ["--dynamic_sampling"]),
+    ("GRPO + overlong (buffer 8, masked truncation)", "grpo.py",
+     ["--overlong_buffer", "8", "--mask_truncated_completions"]),
 ]
 HELD_OUT = ["eval/rewards/accuracies", "eval/rewards/margins"]  # pairwise scripts, KTO
 

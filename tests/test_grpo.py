@@ -50,11 +50,14 @@ def test_group_advantages_none_and_batch():
 # ---------------------------------------------------------------- loss
 
 def loss_of(logps, advantages, mask, loss_type, n_sequences=None, n_tokens=None, old_logps=None, ref_logps=None,
-            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5):
+            beta=0.0, epsilon_low=0.2, epsilon_high=0.2, max_new_tokens=5, importance_sampling_level="token",
+            use_bias_correction_kl=False):
     old_logps = logps.detach() if old_logps is None else old_logps
-    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type, epsilon_low=epsilon_low,
-                          epsilon_high=epsilon_high, beta=beta, n_sequences=n_sequences or len(mask),
-                          n_tokens=n_tokens or float(mask.sum()), max_new_tokens=max_new_tokens)
+    return grpo.grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type,
+                          importance_sampling_level=importance_sampling_level, epsilon_low=epsilon_low,
+                          epsilon_high=epsilon_high, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+                          n_sequences=n_sequences or len(mask), n_tokens=n_tokens or float(mask.sum()),
+                          max_new_tokens=max_new_tokens)
 
 
 # two sequences, 2 and 4 tokens, A = 1 and -0.25; ratio 1, so L_t = -A: [-1, -1] and [0.25] * 4.
@@ -113,6 +116,93 @@ def test_kl_is_k3_and_zero_when_policy_is_reference():
     assert loss.item() == pytest.approx(plain.item() + 0.04 * 0.193147 / 2, abs=1e-6)
 
 
+def test_rloo_baseline_is_the_mean_of_the_others_and_combines_with_scaling():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    # R_i - mean of the other two: 1 - (2 + 6) / 2 = -3, 2 - (1 + 6) / 2 = -1.5, 6 - (1 + 2) / 2 = 4.5; 5 - 5 = 0
+    rloo, _ = grpo.group_advantages(rewards, 3, "none", "rloo")
+    torch.testing.assert_close(rloo, torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    group, _ = grpo.group_advantages(rewards, 3, "group", "rloo")  # std of (1, 2, 6) = sqrt(7)
+    torch.testing.assert_close(group, torch.tensor([-3.0, -1.5, 4.5, 0, 0, 0]) / (7 ** 0.5 + 1e-4), atol=1e-6, rtol=0)
+    # a NaN reward is no other response: [1, NaN, 3] has 1 - 3 = -2 and 3 - 1 = 2
+    rloo, _ = grpo.group_advantages(torch.tensor([1.0, math.nan, 3.0, 5.0, math.nan, math.nan]), 3, "none", "rloo")
+    assert rloo.tolist() == [-2.0, 0.0, 2.0, 0.0, 0.0, 0.0]
+
+
+def test_centered_batch_divides_by_the_std_of_the_advantages_not_of_the_rewards():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0])
+    # REINFORCE++-baseline: A = R - mean_group = [-2, -1, 3, 0, 0, 0], batch mean 0, squares 4 + 1 + 9 = 14,
+    # std sqrt(14 / 5); --scale_rewards batch divides by the rewards' std, 2 (test_group_advantages_none_and_batch)
+    centred, _ = grpo.group_advantages(rewards, 3, "centered_batch")
+    torch.testing.assert_close(centred, torch.tensor([-2.0, -1.0, 3.0, 0, 0, 0]) / ((14 / 5) ** 0.5 + 1e-4),
+                               atol=1e-6, rtol=0)
+
+
+def test_gspo_clips_one_ratio_per_sequence():
+    # sequence 0 (2 tokens, A = 1): log-ratios 0.1, 0.3, mean 0.2, s = e^0.2 = 1.2214 > 1.2: clipped, no gradient.
+    # sequence 1 (3 tokens, A = -1): log-ratios -0.3, 0, 0.15, mean -0.05, s = e^-0.05 = 0.951229, inside.
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.5, -2.5]])
+    logps = (old + torch.tensor([[0.1, 0.3, 7.0], [-0.3, 0.0, 0.15]])).requires_grad_()  # 7: padding
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    s1 = math.exp(-0.05)
+    # L_0 = -min(1.2214 * 1, 1.2 * 1) = -1.2;  L_1 = -min(-s1, -s1) = s1;  d L_1 / d logp_t = -A * s1 / 3 = s1 / 3
+    for loss_type, value, weight in [("grpo", (-1.2 + s1) / 2, 1 / 2),      # mean over the 2 sequences
+                                     ("dapo", (2 * -1.2 + 3 * s1) / 5, 3 / 5)]:  # each token carries L_i; 5 tokens
+        logps.grad = None
+        loss, _, low, high = loss_of(logps, torch.tensor([1.0, -1.0]), mask, loss_type, old_logps=old,
+                                     importance_sampling_level="sequence")
+        loss.backward()
+        assert loss.item() == pytest.approx(value, abs=1e-6)
+        expected = torch.tensor([[0.0, 0.0, 0.0], [s1 / 3 * weight] * 3])
+        torch.testing.assert_close(logps.grad, expected, atol=1e-6, rtol=0)
+        assert high.tolist() == [[1.0, 1.0, 1.0], [0.0] * 3] and low.sum() == 0
+    # per token, sequence 0's first token (ratio e^0.1 = 1.105) is not clipped: the levels differ
+    token, _, _, _ = loss_of(logps, torch.tensor([1.0, -1.0]), mask, "grpo", old_logps=old)
+    assert token.item() != pytest.approx((-1.2 + s1) / 2, abs=1e-3)
+
+
+def test_cispo_weight_is_clipped_and_detached_so_every_token_keeps_a_gradient():
+    # eps_low 0.2, eps_high 4: weights clip(r, 0.8, 5). Sequence 0 (A = 1): r = 0.5, 1.1, 6 -> 0.8, 1.1, 5;
+    # sequence 1 (A = -0.5): r = 2 -> 2. n_tokens 4.
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, 0.0, 0.0]], requires_grad=True)
+    old = logps.detach() - torch.log(torch.tensor([[0.5, 1.1, 6.0], [2.0, 1.0, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, _, low, high = loss_of(logps, torch.tensor([1.0, -0.5]), mask, "cispo", old_logps=old, epsilon_low=0.2,
+                                 epsilon_high=4.0)
+    loss.backward()
+    # L = -(1/4) * [(0.8 * -1 + 1.1 * -2 + 5 * -0.5) * 1 + 2 * -1.5 * -0.5] = -(1/4) * (-5.5 + 1.5) = 1
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)
+    # d L / d logp_t = -sg(clip(r_t)) * A / n_tokens: the clipped 6 -> 5 token too (PPO's clip would give it 0)
+    expected = torch.tensor([[-0.8 / 4, -1.1 / 4, -5.0 / 4], [2.0 * 0.5 / 4, 0.0, 0.0]])
+    torch.testing.assert_close(logps.grad, expected, atol=1e-6, rtol=0)
+    assert low[0, 0].item() == 1 and high[0, 2].item() == 1 and (low + high).sum() == 2  # weights clipped
+
+
+def test_kl_bias_correction_weights_k3_by_the_ratio_and_gives_the_reverse_kl_gradient():
+    # one token: logp = log 0.5, pi_old = 0.4 (ratio 1.25), pi_ref = 0.25 (rho = pi_ref / pi = 0.5), A = 0
+    logps = torch.log(torch.tensor([[0.5]])).requires_grad_()
+    old, ref = torch.log(torch.tensor([[0.4]])), torch.log(torch.tensor([[0.25]]))
+    k3 = 0.5 - math.log(0.5) - 1  # 0.193147
+    for correct, value, grad in [
+        # plain: beta * k3;  d/d logp (rho - log rho - 1) = -rho + 1 = 0.5
+        (False, 0.1 * k3, 0.1 * 0.5),
+        # corrected: beta * r * k3;  d/d logp = beta * r * (k3 + 1 - rho) = beta * r * (logp - ref_logp)
+        #                                     = beta * 1.25 * log 2
+        (True, 0.1 * 1.25 * k3, 0.1 * 1.25 * math.log(2)),
+    ]:
+        logps.grad = None
+        loss, kl, _, _ = loss_of(logps, torch.tensor([0.0]), torch.ones(1, 1), "dapo", old_logps=old, ref_logps=ref,
+                                 beta=0.1, use_bias_correction_kl=correct)
+        loss.backward()
+        assert loss.item() == pytest.approx(value, abs=1e-6) and kl.item() == pytest.approx(k3, abs=1e-6)
+        assert logps.grad.item() == pytest.approx(grad, abs=1e-6)
+
+
+def test_overlong_penalty_falls_linearly_over_the_buffer():
+    # cap 8, buffer 3, penalty 0.5: 0 up to 8 - 3 = 5 tokens, then -0.5 * (|o| - 5) / 3
+    got = reward_functions.overlong_penalty(torch.tensor([2.0, 5.0, 6.0, 7.0, 8.0]), 8, 3, 0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.5 / 3, -1 / 3, -0.5]), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- sampling and rewards
 
 def test_masks_come_from_the_first_eos_not_from_pad():
@@ -161,11 +251,11 @@ def test_a_declared_end_of_turn_id_ends_the_completion(end_of_turn_model, tmp_pa
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"]]
     prompts = [{**ex, "row": row} for ex, row in zip(formats.tokenize(rows, tokenizer, 64, ()), rows)]
     reward_fns = [reward_functions.load_reward_fn(os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward")]
-    sampled = grpo.rollout(policy, None, None, reward_fns, reward_functions.reward_kwargs(0, 1, print), prompts,
-                           tokenizer, args, CPU)
+    groups = grpo.sample(policy, None, reward_fns, reward_functions.reward_kwargs(0, 1, print), torch.ones(1),
+                         prompts, tokenizer, args, CPU)
     # each of the 2 * 2 responses is the one token <end_of_turn>, not 8 tokens running past it
-    assert sampled.batch["labels"].tolist() == [[end_of_turn]] * 4
-    assert sampled.has_eos.tolist() == [True] * 4
+    assert [g.completions for g in groups] == [[[end_of_turn]] * 2] * 2
+    assert [g.has_eos for g in groups] == [[True] * 2] * 2
     # end to end, on the toy data: no response is clipped, and the toy eval stops there too
     out = str(tmp_path / "grpo")
     grpo.main(["--model", path, "--output_dir", out, "--max_steps", "1", "--batch_size", "2", "--num_generations",
@@ -297,6 +387,37 @@ def test_a_run_with_trl_reward_functions_skips_none(tiny_model, tmp_path, monkey
     assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
 
 
+def test_dynamic_sampling_drops_equal_groups_and_truncated_responses_leave_the_loss(tiny_model, tmp_path, monkeypatch):
+    rewards = tmp_path / "constant.py"
+    rewards.write_text("def one(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"tell me about {t} :"}) + "\n" for t in ("animals", "music")))
+    tokenizer = models.load_tokenizer(tiny_model)
+    cat, dog = tokenizer.convert_tokens_to_ids(["cat", "dog"])
+    # animals: both responses "cat" + EOS.  music: "cat" + EOS (2 tokens) and "dog" x 4, cut off at the cap of 4
+    monkeypatch.setattr(common, "generate_completions", lambda policy, prompts, tokenizer, *_: [
+        [cat, tokenizer.eos_token_id] if i % 2 == 0 or "animals" in tokenizer.decode(p["prompt"]) else [dog] * 4
+        for i, p in enumerate(prompts)])
+    # reward 1 plus the overlong penalty (cap 4, buffer 2, p 1): 0 for 2 tokens, -(4 - 2) / 2 = -1 for 4 tokens.
+    # animals: R = 1, 1 (std 0, dropped);  music: R = 1, 0, A = 0.5, -0.5 (--scale_rewards none)
+    flags = ["--model", tiny_model, "--data", str(data), "--max_steps", "2", "--batch_size", "1", "--num_generations",
+             "2", "--max_new_tokens", "4", "--max_length", "64", "--num_sample_generations", "0", "--log_every", "1",
+             "--reward_fn", f"{rewards}:one", "--overlong_buffer", "2", "--scale_rewards", "none",
+             "--dynamic_sampling", "--max_resample_rounds", "1"]
+    # ratio 1, L_t = -A. Masked: only music's first response, (-0.5 * 2) / 2 tokens = -0.5;
+    # unmasked: (-0.5 * 2 + 0.5 * 4) / 6 tokens = 1/6
+    for extra, loss in [(["--mask_truncated_completions"], -0.5), ([], 1 / 6)]:
+        out = str(tmp_path / f"out{len(extra)}")
+        grpo.main(flags + extra + ["--output_dir", out])
+        rows = read_metrics(out)
+        for row in rows:  # each step samples both prompts, in the shuffle's order
+            assert row["loss"] == pytest.approx(loss, abs=1e-6)
+            assert row["reward"] == pytest.approx(0.5) and row["rewards/overlong_penalty"] == pytest.approx(-0.5)
+            assert row["completions/mean_length"] == 3.0 and row["completions/clipped_ratio"] == 0.5
+        # step 1 drew animals first: dropped, a second round (1 group of 2 had std 0); step 2 drew music first
+        assert [(r["num_gen_batches"], r["frac_reward_zero_std"]) for r in rows] == [(2, 0.5), (1, 0.0)]
+
+
 # ---------------------------------------------------------------- the same run over micro-batches and ranks
 
 def fixed_generate():
@@ -316,8 +437,19 @@ def fixed_generate():
     return generate
 
 
-# one run per aggregation, each with another advantage scaling; KL and two iterations (clipping) in all
-LOSS_TYPES = {"grpo": "batch", "dr_grpo": "none", "dapo": "group"}
+# one run per configuration, each with other options; KL and two iterations (clipping) in all. "cispo" scores
+# with COARSE (gold_reward weighted 0) plus the overlong penalty, so that some groups have equal rewards and
+# dynamic sampling draws more prompts
+CONFIGS = {
+    "grpo": ["--loss_type", "grpo", "--scale_rewards", "batch"],
+    "dr_grpo": ["--loss_type", "dr_grpo", "--scale_rewards", "none"],
+    "dapo": ["--loss_type", "dapo", "--scale_rewards", "group"],
+    "gspo": ["--loss_type", "grpo", "--importance_sampling_level", "sequence", "--advantage", "rloo",
+             "--use_bias_correction_kl"],
+    "cispo": ["--loss_type", "cispo", "--epsilon", "0.2", "--scale_rewards", "centered_batch", "--dynamic_sampling",
+              "--mask_truncated_completions", "--overlong_buffer", "3", "--reward_weights", "0", "1"],
+}
+COARSE = "def coarse(completions, **kwargs):\n    return [float(len(c.split()) > 5) for c in completions]\n"
 NUM_GENERATIONS, MAX_NEW_TOKENS = 4, 8
 FLAGS = ["--max_steps", "2", "--num_generations", str(NUM_GENERATIONS), "--max_new_tokens", str(MAX_NEW_TOKENS),
          "--max_length", "64", "--beta", "0.04", "--num_iterations", "2", "--lr", "3e-3", "--warmup_ratio", "0",
@@ -325,13 +457,14 @@ FLAGS = ["--max_steps", "2", "--num_generations", str(NUM_GENERATIONS), "--max_n
          "--reward_fn", os.path.join(ROOT, "toy", "rewards.py") + ":gold_reward"]
 
 
-def run_each_loss_type(flags, out):
+def run_each_config(flags, out):
+    """Every CONFIGS run into out/<name>; COARSE is in the folder above out."""
     sample = common.generate_completions
+    coarse = ["--reward_fn", os.path.join(os.path.dirname(out), "coarse.py") + ":coarse"]
     try:
-        for loss_type, scale in LOSS_TYPES.items():
+        for name, config in CONFIGS.items():
             common.generate_completions = fixed_generate()
-            grpo.main(flags + ["--loss_type", loss_type, "--scale_rewards", scale,
-                               "--output_dir", f"{out}/{loss_type}"])
+            grpo.main(flags + config + coarse * (name == "cispo") + ["--output_dir", f"{out}/{name}"])
     finally:
         common.generate_completions = sample
 
@@ -340,32 +473,37 @@ def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
     data = tmp_path / "prompts.jsonl"  # outside toy/data: no toy eval
     with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
         data.write_text("".join(f.readlines()[:64]))
+    (tmp_path / "coarse.py").write_text(COARSE)
     flags = FLAGS + ["--model", tiny_model, "--data", str(data)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            str(tmp_path / "two"), *flags, "--batch_size", "2", "--grad_accum", "2"]
     two = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_each_loss_type(flags + ["--batch_size", "8"], str(tmp_path / "one"))
-    run_each_loss_type(flags + ["--batch_size", "4", "--grad_accum", "2"], str(tmp_path / "accum"))
+    run_each_config(flags + ["--batch_size", "8"], str(tmp_path / "one"))
+    run_each_config(flags + ["--batch_size", "4", "--grad_accum", "2"], str(tmp_path / "accum"))
     assert two.wait(timeout=300) == 0, two.stdout.read()[-3000:]
     sampled = read_metrics(str(tmp_path / "two" / "sampled"))
     assert [r["step"] for r in sampled] == [1, 2] and all(math.isfinite(v) for r in sampled for v in r.values())
     start = load_file(os.path.join(tiny_model, "model.safetensors"))
-    for loss_type in LOSS_TYPES:
-        one, accum, two = (str(tmp_path / run / loss_type) for run in ("one", "accum", "two"))
+    for name in CONFIGS:
+        one, accum, two = (str(tmp_path / run / name) for run in ("one", "accum", "two"))
         for other in (accum, two):
             for a, b in zip(read_metrics(one), read_metrics(other), strict=True):
+                assert set(a) == set(b), (name, other)
                 for key in ("loss", "grad_norm", "reward", "kl", "entropy", "clip_ratio/low_mean",
-                            "clip_ratio/high_mean"):
-                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (loss_type, other, key)
+                            "clip_ratio/high_mean", "frac_reward_zero_std", "completions/mean_length"):
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, other, key)
+                assert a.get("num_gen_batches") == b.get("num_gen_batches"), (name, other)
             # Adam turns float noise in a near-zero gradient into up to ~1e-4 here (packed rows differ between
             # the layouts, so do their roundings); the updates reach ~1e-2, a wrong aggregation moves them by more
             w1, w2 = (load_file(os.path.join(d, "model.safetensors")) for d in (one, other))
-            for name in w1:
-                torch.testing.assert_close(w1[name], w2[name], atol=3e-4, rtol=0)
+            for key in w1:
+                torch.testing.assert_close(w1[key], w2[key], atol=3e-4, rtol=0)
         last = read_metrics(one)[-1]
         assert last["kl"] > 0 and last["clip_ratio/low_mean"] + last["clip_ratio/high_mean"] > 0  # all terms live
         assert (w1["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 5e-3
+    rows = read_metrics(str(tmp_path / "one" / "cispo"))  # equal groups were seen and more prompts drawn
+    assert max(r["num_gen_batches"] for r in rows) > 1 and max(r["frac_reward_zero_std"] for r in rows) > 0, rows
 
 
 # ---------------------------------------------------------------- end to end, resume
@@ -419,5 +557,6 @@ def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
-    run_each_loss_type(sys.argv[2:], sys.argv[1])
-    grpo.main(sys.argv[2:] + ["--output_dir", f"{sys.argv[1]}/sampled"])  # real sampling, ranks stop at other lengths
+    run_each_config(sys.argv[2:], sys.argv[1])
+    # real sampling: ranks stop at other lengths, and gather each other's groups
+    grpo.main(sys.argv[2:] + ["--dynamic_sampling", "--output_dir", f"{sys.argv[1]}/sampled"])
