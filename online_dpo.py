@@ -35,7 +35,6 @@ import formats
 import logprobs
 import models
 import reward_functions
-import rm
 from dpo import dpo_loss, pair_logps
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
@@ -82,19 +81,8 @@ def sample_pairs(policy, reward_model, reward_fns, weights, prompts, tokenizer, 
     stop = common.stop_ids(policy.generation_config, tokenizer)
     expanded = [p for p in prompts for _ in range(2)]
     completions = common.generate_completions(policy, expanded, tokenizer, device, 2 * args.batch_size)
-    rows = [p["row"] for p in expanded]
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    texts = [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t for r, t in zip(rows, texts)]
-    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "_where")}
-    scores = [reward_functions.call_reward_fn(name, fn, [r["prompt"] for r in rows], texts, completions, columns,
-                                              reward_kwargs) for name, fn in reward_fns]
-    scores = torch.tensor(scores, device=device).reshape(len(reward_fns), len(expanded)).T
-    if reward_model is not None:
-        size = 2 * args.batch_size
-        model_scores = [rm.last_token_rewards(reward_model, batching.collate(
-            [p["prompt"] for p in expanded[i:i + size]], completions[i:i + size], tokenizer.pad_token_id, device))
-            for i in range(0, len(expanded), size)]
-        scores = torch.cat([scores, torch.cat(model_scores)[:, None].float()], 1)
+    scores = reward_functions.score(expanded, completions, tokenizer, reward_fns, reward_kwargs, reward_model, None,
+                                    device, 2 * args.batch_size)
     rewards = reward_functions.total_rewards(scores, weights)
     chosen, rejected, kept = make_pairs(rewards)
     pairs = [{"prompt": p["prompt"], "chosen": completions[c], "rejected": completions[r]}
@@ -186,13 +174,10 @@ def main(argv=None):
 
     reward_fns = [reward_functions.load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
-    ref_model, reward_model = models.load_reference(args, device), None
-    if args.reward_model is not None:
-        reward_model = models.frozen(rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                          args.allow_pickle, padding_free=args.padding_free))
-        if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model "
-                                   f"{args.model}; train the reward model from the same base")
+    ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
+    reward_model = None if args.reward_model is None else reward_functions.load_reward_model(
+        args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
+        args.padding_free)
     n_rewards = len(reward_fns) + (reward_model is not None)
     weights = torch.tensor(args.reward_weights or [1.0] * n_rewards, device=device)
     generation_config = common.set_sampling(policy, args, tokenizer)
