@@ -97,12 +97,7 @@ def sample_pairs(policy, reward_model, reward_fns, weights, prompts, tokenizer, 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, data=os.path.join(TOY_DATA_DIR, "prompts.jsonl"), model=SFT_MODEL_DIR,
                            lr=1e-3, max_steps=100, batch_size=16, output_dir="out/online_dpo", real_lr="5e-7")
-    p.add_argument("--reward_fn", action="append", default=[],
-                   help="path/to/file.py:function, repeatable, as in grpo.py (default on the toy data: "
-                        "toy/rewards.py:gold_reward)")
-    p.add_argument("--reward_model", default=None, help="an rm.py output directory, as another reward")
-    p.add_argument("--reward_weights", type=float, nargs="+", default=None,
-                   help="one weight per --reward_fn, then the --reward_model (default: all 1)")
+    reward_functions.add_flags(p)
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"],
                    help="sigmoid: the DPO loss; ipo: IPO's squared loss, which stops at a finite margin")
@@ -115,14 +110,8 @@ def parse_args(argv=None):
     if args.max_new_tokens >= args.max_length:
         raise common.UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in "
                                f"--max_length {args.max_length}")
-    if not args.reward_fn and args.reward_model is None:
-        if not is_toy(args):
-            raise common.UserError(f"{args.data}: no reward given; pass --reward_fn path/to/file.py:function "
-                                   "or --reward_model")
-        args.reward_fn = [TOY_REWARD_FN]
-    n_rewards = len(args.reward_fn) + (args.reward_model is not None)
-    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
-        raise common.UserError(f"--reward_weights has {len(args.reward_weights)} values for {n_rewards} rewards")
+    args.reward_fn = reward_functions.check_flags(args.reward_fn, args.reward_model, args.reward_weights, args.data,
+                                                  TOY_REWARD_FN if is_toy(args) else None)
     return args
 
 

@@ -36,6 +36,28 @@ def load_reward_fn(spec):
     return getattr(fn, "__name__", type(fn).__name__), fn
 
 
+def add_flags(parser):
+    """--reward_fn, --reward_model and --reward_weights: the reward sources of an online script."""
+    parser.add_argument("--reward_fn", action="append", default=[],
+                        help="path/to/file.py:function, repeatable (default on the toy data: toy/rewards.py:gold_reward)")
+    parser.add_argument("--reward_model", default=None, help="an rm.py output directory, as another reward")
+    parser.add_argument("--reward_weights", type=float, nargs="+", default=None,
+                        help="one weight per --reward_fn, then the --reward_model (default: all 1)")
+
+
+def check_flags(reward_fn, reward_model, reward_weights, data, toy_reward_fn):
+    """The --reward_fn specs to load: those given, or `toy_reward_fn` (None off the toy data) when no reward is;
+    a UserError for no reward at all, or --reward_weights of another length than the rewards."""
+    if not reward_fn and reward_model is None:
+        if toy_reward_fn is None:
+            raise UserError(f"{data}: no reward given; pass --reward_fn path/to/file.py:function or --reward_model")
+        reward_fn = [toy_reward_fn]
+    n_rewards = len(reward_fn) + (reward_model is not None)
+    if reward_weights is not None and len(reward_weights) != n_rewards:
+        raise UserError(f"--reward_weights has {len(reward_weights)} values for {n_rewards} rewards")
+    return reward_fn
+
+
 def load_reward_model(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free):
     """The frozen rm.py reward model at `path`; a UserError if its tokenizer is not the policy's (--model `model`)."""
     reward_model = models.frozen(rm.load_reward_model(path, device, dtype, trust_remote_code, allow_pickle,
