@@ -25,7 +25,8 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def config(args):
-    """peft's LoraConfig for --lora_r, --lora_alpha and --lora_target_modules; None without --lora_r."""
+    """peft's LoraConfig for --lora_r, --lora_alpha, --lora_dropout and --lora_target_modules; None without
+    --lora_r."""
     if not args.lora_r:
         return None
     try:
@@ -33,7 +34,7 @@ def config(args):
     except ImportError as e:
         raise UserError("--lora_r needs peft, which is not installed: pip install peft") from e
     targets = args.lora_target_modules
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets if targets == "all-linear" else targets.split(","),
                       base_model_name_or_path=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model)
 
@@ -105,7 +106,9 @@ class AdapterOff:
 @contextlib.contextmanager
 def disabled(model):
     """peft's layers off. Not peft's enable_adapters(False): it also clears requires_grad, which FSDP2 reads
-    once, at the first forward (the reference's, with --precompute_ref or --eval_data)."""
+    once, at the first forward (the reference's, with --precompute_ref or --eval_data). So this sets the private
+    flag behind the disable_adapters property each layer's forward reads; a peft that renames it fails
+    test_reference_is_the_base_and_both_saves_load_back (the adapter off must give the base's log-probs)."""
     found = [layer for _, layer in layers(model)]
     for layer in found:
         layer._disable_adapters = True
