@@ -73,9 +73,7 @@ def weights(module, merge=False):
         stand_in = {}
         named = {k: stand_in.setdefault(id(p), torch.empty(1)) for k, p in module.state_dict(keep_vars=True).items()}
         state = {k: state[k] for k in remove_tied_weights_from_state_dict(named, module)}
-    if lora.has_adapter(module):
-        state = lora.merged_state(module, state) if merge else lora.adapter_state(state)
-    return state
+    return lora.saved_state(module, state, merge)
 
 
 def file_names(state, name, n):
@@ -185,7 +183,6 @@ def write_pretrained(model, tokenizer, directory, per_rank, dtype=None, merge=Fa
     write_weights(weights(model, merge), directory, lora.weights_name(model, merge), per_rank, dtype)
     for name, module in modules.items():
         write_weights(weights(module), directory, name, per_rank, dtype)
-
 
 
 def save_model(model, tokenizer, out_dir, dtype=None, merge=False, **modules):

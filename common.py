@@ -104,6 +104,8 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
                    help="train a LoRA adapter of this rank on the frozen base instead of every weight (0: off; "
                         "needs peft); real models then want a larger --lr, about 10x")
     p.add_argument("--lora_alpha", type=float, default=32, help="LoRA's alpha: the adapter adds (alpha/r) * B @ A")
+    p.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="dropout on the adapter's input in training (0: off, as every other dropout here)")
     p.add_argument("--lora_target_modules", default="all-linear",
                    help="the linear layers LoRA adapts, as comma-separated names (q_proj,v_proj) or all-linear "
                         "(every one but the LM head)")
@@ -147,6 +149,7 @@ def check_args(args):
     check_range(args, "warmup_ratio", low=0, high=1)
     check_range(args, "lora_r", low=0)
     check_range(args, "lora_alpha", above=0)
+    check_range(args, "lora_dropout", low=0, high=1)
     if args.merge_lora and not args.lora_r:
         raise UserError("--merge_lora merges a LoRA adapter: pass --lora_r too")
 

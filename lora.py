@@ -24,18 +24,18 @@ ADAPTER = "default"  # peft's name for a model's one adapter
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def config(args):
-    """peft's LoraConfig for --lora_r, --lora_alpha and --lora_target_modules; None without --lora_r."""
-    if not args.lora_r:
+def config(r, alpha, dropout, targets, model):
+    """peft's LoraConfig for --lora_r, --lora_alpha, --lora_dropout and --lora_target_modules on the base
+    `model` (--model); None without --lora_r."""
+    if not r:
         return None
     try:
         from peft import LoraConfig
     except ImportError as e:
         raise UserError("--lora_r needs peft, which is not installed: pip install peft") from e
-    targets = args.lora_target_modules
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=targets if targets == "all-linear" else targets.split(","),
-                      base_model_name_or_path=os.path.abspath(args.model) if os.path.isdir(args.model) else args.model)
+                      base_model_name_or_path=os.path.abspath(model) if os.path.isdir(model) else model)
 
 
 def add_adapter(model, lora_config, seed):
@@ -105,7 +105,9 @@ class AdapterOff:
 @contextlib.contextmanager
 def disabled(model):
     """peft's layers off. Not peft's enable_adapters(False): it also clears requires_grad, which FSDP2 reads
-    once, at the first forward (the reference's, with --precompute_ref or --eval_data)."""
+    once, at the first forward (the reference's, with --precompute_ref or --eval_data). So this sets the private
+    flag behind the disable_adapters property each layer's forward reads; a peft that renames it fails
+    test_reference_is_the_base_and_both_saves_load_back (the adapter off must give the base's log-probs)."""
     found = [layer for _, layer in layers(model)]
     for layer in found:
         layer._disable_adapters = True
@@ -186,6 +188,14 @@ def merge(model, path):
         delta = scale * state[key.replace(".lora_A.", ".lora_B.")].float() @ state[key].float()
         weight.copy_((weight.float() + like(delta, weight)).to(weight.dtype))
     return model
+
+
+def saved_state(model, state, merge=False):
+    """What a model's state dict is saved as: itself; with an adapter, the adapter alone under peft's names, or
+    with `merge` the merged model (then every rank must call this)."""
+    if not has_adapter(model):
+        return state
+    return merged_state(model, state) if merge else adapter_state(state)
 
 
 def adapter_state(state):

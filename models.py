@@ -26,7 +26,7 @@ def load_policy(args, device):
 def load_trained(args, device, auto_class=None):
     """--model to train: float32 weights computing in --dtype, or with --lora_r the frozen base in --dtype and a
     float32 LoRA adapter, the only weights trained (lora.py)."""
-    adapter = lora.config(args)
+    adapter = lora.config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.model)
     model = load_model(args.model, device, args.dtype, args.trust_remote_code, auto_class, args.allow_pickle,
                        trained=adapter is None, padding_free=args.padding_free,
                        attn_implementation=args.attn_implementation)

@@ -1,6 +1,7 @@
 """The alignment results table: every algorithm on the toy task, from one SFT checkpoint, with defaults.
 
-    python bench/toy_results.py                 # ~20 min on 2 CPU cores; writes bench/toy_results.md (+ .png)
+    python bench/toy_results.py                 # ~30 min on 2 CPU cores; writes bench/toy_results.md (+ .png)
+    python bench/toy_results.py --only "DPO (LoRA r 8)" "RM + PPO (LoRA r 8)"   # some rows (SFT always runs)
 
 Trains the toy SFT policy once, then runs each script with its default settings from it and
 reads the toy evaluation each run logs (gold score and mean length, start and end), its
@@ -17,8 +18,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "bench")
 
-# (name, script, extra flags); every run starts from the same SFT checkpoint
+LORA = ["--lora_r", "8"]  # with 3x each script's default --lr (LoRA wants a larger one; 10x diverged here)
+# (name, script, extra flags); every run but SFT's starts from the same SFT checkpoint
 RUNS = [
+    ("SFT (LoRA r 8, on the random-init base)", "sft.py", LORA + ["--lr", "3e-3"]),
     ("DPO", "dpo.py", []),
     ("DPO+RPO (rpo_alpha 1)", "dpo.py", ["--rpo_alpha", "1.0"]),
     ("R-DPO (rdpo_alpha 0.05)", "dpo.py", ["--rdpo_alpha", "0.05"]),
@@ -43,7 +46,11 @@ RUNS = [
     ("GRPO + dynamic sampling", "grpo.py", ["--dynamic_sampling"]),
     ("GRPO + overlong (buffer 8, masked truncation)", "grpo.py",
      ["--overlong_buffer", "8", "--mask_truncated_completions"]),
+    ("DPO (LoRA r 8)", "dpo.py", LORA + ["--lr", "3e-3"]),
+    ("KTO (LoRA r 8)", "kto.py", LORA + ["--lr", "1.5e-3"]),
+    ("GRPO (LoRA r 8)", "grpo.py", LORA + ["--lr", "3e-3"]),
 ]
+PPO_RUNS = [("RM + PPO", []), ("RM + PPO (LoRA r 8)", LORA + ["--lr", "1e-3"])]  # one reward model, trained in full
 HELD_OUT = ["eval/rewards/accuracies", "eval/rewards/margins"]  # pairwise scripts, KTO
 
 
@@ -114,13 +121,17 @@ def main():
     runs = [r for r in RUNS if not args.only or r[0] in args.only]
     for name, script, flags in runs:
         out = os.path.join(args.out, name.split()[0].lower().replace("+", "_").replace("-", "_"))
-        results.append(summarise(name, *run(name, script, start + flags, out + "_" + str(len(results)), log)))
-    if not args.only or "RM + PPO" in args.only:
+        model = [] if script == "sft.py" else start
+        results.append(summarise(name, *run(name, script, model + flags, out + "_" + str(len(results)), log)))
+    ppo_runs = [r for r in PPO_RUNS if not args.only or r[0] in args.only]
+    if ppo_runs:
         rm_dir = os.path.join(args.out, "rm")
         rm_rows, rm_wall = run("RM", "rm.py", start, rm_dir, log)
-        ppo_rows, ppo_wall = run("PPO", "ppo.py", start + ["--reward_model", rm_dir], os.path.join(args.out, "ppo"), log)
-        results.append(summarise("RM + PPO", ppo_rows, ppo_wall + rm_wall))
         rm_accuracy = [r["eval/accuracy"] for r in rm_rows if "eval/accuracy" in r][-1]
+    for name, flags in ppo_runs:
+        ppo_rows, ppo_wall = run(name, "ppo.py", start + ["--reward_model", rm_dir] + flags,
+                                 os.path.join(args.out, "ppo_" + str(len(results))), log)
+        results.append(summarise(name, ppo_rows, ppo_wall + rm_wall))
         results[-1].update(held_out_metric="eval/accuracy of the RM", held_out=rm_accuracy)
     text = table(results)
     with open(os.path.join(HERE, "toy_results.md"), "w") as f:

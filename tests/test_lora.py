@@ -195,3 +195,71 @@ def test_rm_with_a_lora_backbone_trains_and_loads_back(sft_model, tmp_path):
     assert {"adapter_model.safetensors", "value_head.safetensors"} <= set(os.listdir(out))
     model = rm.load_reward_model(out, CPU)  # the base + adapter merged, the trained head
     assert model.value_head.weight.abs().sum() > 0
+
+
+def test_lora_dropout_is_off_by_default_and_drops_the_adapter_input(tiny_model):
+    _, _, model = lora_policy(tiny_model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.lora_dropout["default"], torch.nn.Identity)
+    _, _, model = lora_policy(tiny_model, "--lora_dropout", "0.5")
+    layer = model.model.layers[0].self_attn.q_proj
+    A, B, W = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight
+    with torch.no_grad():
+        B.normal_()
+    x = torch.randn(3, W.shape[1])
+    layer.train()
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)  # the same draw of torch's dropout: each input kept with probability 1 - p, times 1/(1 - p)
+    dropped = torch.nn.functional.dropout(x, 0.5)
+    assert set((dropped / x).unique().tolist()) == {0.0, 2.0}
+    by_hand = x @ W.T + (8 / 4) * dropped @ A.T @ B.T  # the base sees all of x, the adapter the dropped x
+    torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ (W + (8 / 4) * B @ A).T, atol=1e-5, rtol=1e-5)  # no dropout in eval
+
+
+def test_lora_kto_rewards_are_zero_at_step_one(sft_model, tmp_path):
+    import kto
+
+    out = str(tmp_path / "kto")
+    kto.main(["--model", sft_model, "--data", toy_rows(tmp_path, "unpaired.jsonl", 32), "--output_dir", out,
+              "--max_steps", "3", "--batch_size", "8", "--log_every", "1", "--lr", "1e-2", "--lora_r", "8"])
+    rows = read_metrics(out)
+    # step 1: B = 0, so logp = logp_ref: r = 0, z0 = max(0, 0) = 0, beta * r = 0 and L = 1 - sigmoid(0) = 0.5
+    assert (rows[0]["rewards/chosen"], rows[0]["rewards/rejected"], rows[0]["kl"]) == (0.0, 0.0, 0.0)
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert rows[-1]["rewards/chosen"] != 0 and rows[-1]["rewards/margins"] > 0  # the reference stays the base
+
+
+def test_lora_ppo_starts_at_the_reference(tiny_model, tmp_path):
+    import ppo
+    from transformers import AutoModel
+
+    reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
+    torch.manual_seed(0)
+    rm.save_reward_model(rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
+                         models.load_tokenizer(tiny_model), reward_model)
+    out = str(tmp_path / "ppo")
+    ppo.main(["--model", tiny_model, "--reward_model", reward_model, "--data", toy_rows(tmp_path, "prompts.jsonl", 16),
+              "--output_dir", out, "--max_steps", "2", "--batch_size", "8", "--num_mini_batches", "1",
+              "--ppo_epochs", "1", "--warmup_ratio", "0", "--log_every", "1", "--lr", "1e-2", "--lora_r", "8",
+              "--num_sample_generations", "0"])
+    first, second = read_metrics(out)
+    # step 1: B = 0, so pi = pi_ref on every sampled token: KL = sum(logp - logp_ref) = 0 and the rlhf reward is
+    # the score; one update of one minibatch starts at ratio pi/pi_old = 1, inside the clip: clipfrac 0
+    assert first["objective/kl"] == 0.0 and first["objective/rlhf_reward"] == first["objective/scores"]
+    assert first["policy/clipfrac"] == 0.0
+    assert second["objective/kl"] != 0.0  # the adapter moved the policy; the reference stayed the base
+
+
+def test_lora_grpo_starts_at_kl_zero_and_raises_the_gold_score(sft_model, tmp_path):
+    import grpo
+
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", sft_model, "--output_dir", out, "--max_steps", "30", "--log_every", "1", "--lr", "3e-3",
+               "--lora_r", "8", "--beta", "0.04", "--num_sample_generations", "0"])
+    rows = read_metrics(out)
+    train, evals = [r for r in rows if "reward" in r], [r for r in rows if "eval/gold_score" in r]
+    # step 1: B = 0, so logp = logp_ref and KL_t = exp(logp_ref - logp) - (logp_ref - logp) - 1 = 1 - 0 - 1 = 0
+    assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0  # (step 1's update has lr 0: warmup starts at 0)
+    assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.02, evals  # about +0.04 measured
