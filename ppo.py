@@ -33,6 +33,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import lora
 import models
 import rm
 from toy.eval import evaluate, is_toy
@@ -210,9 +211,10 @@ def main(argv=None):
 
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
-    reward_model, value_model = (rm.load_reward_model(args.reward_model, device, args.dtype, args.trust_remote_code,
-                                                      args.allow_pickle, trained, args.padding_free)
-                                 for trained in (False, True))
+    reward_model, value_model = (rm.load_reward_model(  # with --lora_r the value model is a LoRA backbone too
+        args.reward_model, device, args.dtype, args.trust_remote_code, args.allow_pickle, trained, args.padding_free,
+        lora.config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.reward_model),
+        args.seed) for trained in (False, True))
     models.frozen(reward_model)
     if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "

@@ -29,6 +29,7 @@ import checkpoint
 import common
 import formats
 import logprobs
+import lora
 import models
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
@@ -74,17 +75,21 @@ def sharded_like_backbone(model, device, dtype):
 
 
 def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False,
-                      padding_free=None):
+                      padding_free=None, adapter=None, seed=0):
     """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`, `padding_free`:
-    see models.load_model)."""
+    see models.load_model). A trained one with `adapter` (a LoraConfig, lora.config) has the frozen backbone
+    in `dtype` with a float32 LoRA adapter drawn from `seed`, and its head trained in full, in float32."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     head = os.path.join(path, HEAD_FILE)
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
-    model = RewardModel(models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle, trained,
-                                          padding_free))
+    backbone = models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle,
+                                 trained and adapter is None, padding_free)
+    if trained and adapter is not None:
+        backbone = lora.add_adapter(backbone, adapter, seed)
+    model = RewardModel(backbone, torch.float32 if trained else None)
     model.value_head.load_state_dict(load_file(head, device=str(device)))
     return sharded_like_backbone(model, device, dtype)
 

@@ -243,13 +243,19 @@ def test_lora_ppo_starts_at_the_reference(tiny_model, tmp_path):
     ppo.main(["--model", tiny_model, "--reward_model", reward_model, "--data", toy_rows(tmp_path, "prompts.jsonl", 16),
               "--output_dir", out, "--max_steps", "2", "--batch_size", "8", "--num_mini_batches", "1",
               "--ppo_epochs", "1", "--warmup_ratio", "0", "--log_every", "1", "--lr", "1e-2", "--lora_r", "8",
-              "--num_sample_generations", "0"])
+              "--num_sample_generations", "0", "--save_value_model"])
     first, second = read_metrics(out)
     # step 1: B = 0, so pi = pi_ref on every sampled token: KL = sum(logp - logp_ref) = 0 and the rlhf reward is
     # the score; one update of one minibatch starts at ratio pi/pi_old = 1, inside the clip: clipfrac 0
     assert first["objective/kl"] == 0.0 and first["objective/rlhf_reward"] == first["objective/scores"]
     assert first["policy/clipfrac"] == 0.0
     assert second["objective/kl"] != 0.0  # the adapter moved the policy; the reference stayed the base
+    # the value model: its own adapter on the reward model's backbone (saved alone), its head trained in full
+    value = os.path.join(out, "value_model")
+    assert os.path.isfile(os.path.join(value, "adapter_config.json"))
+    assert all(".lora_" in k for k in load_file(os.path.join(value, "adapter_model.safetensors")))
+    head, start = (load_file(os.path.join(d, rm.HEAD_FILE))["weight"] for d in (value, reward_model))
+    assert not torch.equal(head, start)
 
 
 def test_lora_grpo_starts_at_kl_zero_and_raises_the_gold_score(sft_model, tmp_path):
