@@ -50,6 +50,10 @@ def add_adapter(model, lora_config, seed):
             inject_adapter_in_model(lora_config, model, ADAPTER)
         except ValueError as e:  # no module matches --lora_target_modules
             raise UserError(f"--lora_target_modules: {str(e).splitlines()[0]}") from e
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "lora_A"):  # its adapter would be silently skipped, never trained
+        raise UserError("--lora_target_modules: the LM head cannot take an adapter here, since the log-probs are "
+                        "computed from its weight (logprobs.HeadLogps); leave it out, as all-linear does")
     model.requires_grad_(False)
     for _, layer in layers(model):
         for part in (layer.lora_A, layer.lora_B):

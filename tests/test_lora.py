@@ -105,6 +105,14 @@ def test_reference_is_the_base_and_both_saves_load_back(sft_model, tmp_path):
             assert (logprobs.naive_token_logps(other, batch) - policy).abs().max() < 1e-5, name
 
 
+def test_an_adapter_on_the_lm_head_is_refused(tiny_model):
+    """HeadLogps computes the log-probs from the head's weight, so an adapter there would never train."""
+    config = lora.config(8, 16, 0.0, "q_proj,lm_head", tiny_model)
+    with pytest.raises(common.UserError, match="^--lora_target_modules: the LM head cannot take an adapter"):
+        lora.add_adapter(models.load_model(tiny_model, CPU), config, 0)
+    lora.add_adapter(models.load_model(tiny_model, CPU), lora.config(8, 16, 0.0, "q_proj", tiny_model), 0)
+
+
 def test_peft_missing_is_one_line(sft_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
     with pytest.raises(common.UserError, match="pip install peft"):
