@@ -191,7 +191,8 @@ def run_ours(algo, impl, steps, warmup, directory):
     def counted(logger, batch):  # the trained rows of the step (one micro-batch)
         tokens.append(int(batch["attention_mask"].sum()))
         positions["padded_positions"].append(batch["attention_mask"].numel())
-        positions["packed_positions"].append(batching.pack(batch)["input_ids"].numel())
+        layout = batching.pack(batch, min_saving=logprobs.MIN_PACK_SAVING)  # None: the batch runs padded
+        positions["packed_positions"].append((layout or batch)["input_ids"].numel())
         count(logger, batch)
 
     common.clip_and_step, common.Logger.count = timed_step, counted
