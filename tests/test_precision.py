@@ -78,7 +78,7 @@ def test_head_logps_backward_multiplies_in_bf16_and_matches_float64(chunked, mon
     hidden, weight = torch.randn(6, 16), torch.randn(50, 16) / 4
     labels = torch.randint(50, (6,))
     bf16 = [t.to(torch.bfloat16).requires_grad_() for t in (hidden, weight)]
-    logps = HeadLogps.apply(*bf16[:1], bf16[1], None, labels, 0.7)
+    logps, _ = HeadLogps.apply(*bf16[:1], bf16[1], None, labels, 0.7)
     with Matmuls() as matmuls:
         logps.sum().backward()
     assert len(matmuls.dtypes) >= 2 and set(matmuls.dtypes) == {torch.bfloat16}, matmuls.dtypes
