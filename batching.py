@@ -63,8 +63,10 @@ def collate_prompts(examples, pad_id, device):
     return collate([e["prompt"] for e in examples], [[] for _ in examples], pad_id, device)
 
 
-def pack(batch, one_row=False):
-    """The packed layout of a collated batch, for a forward with no attention_mask.
+def pack(batch, one_row=False, min_saving=0.0):
+    """The packed layout of a collated batch, for a forward with no attention_mask; None where it would save less
+    than `min_saving` of the padded batch's positions (logprobs.MIN_PACK_SAVING: a batch with little padding
+    runs faster padded).
 
     Each sequence's real tokens (prompt + completion) go whole into one row, first-fit by decreasing
     length, into rows of at most W tokens (W: the padded width): at most B rows of at most W tokens,
@@ -90,6 +92,8 @@ def pack(batch, one_row=False):
         rows[r].append(b)
         free[r] -= lengths[b]
     T = width - min(free)
+    if len(rows) * T > (1 - min_saving) * B * W:
+        return None
     source = torch.zeros(len(rows), T, dtype=torch.long)  # each packed token's index in the flattened padded batch
     position_ids = torch.zeros_like(source)
     filled = torch.zeros_like(source, dtype=torch.bool)

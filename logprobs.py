@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from batching import collate, collate_pairs, pack, unpack
 from common import rank, unwrapped_class, world
 
+MIN_PACK_SAVING = 0.05  # a model that packs runs a batch padded unless packing saves this share of its positions
+
 
 def gather_logps(logits, labels, temperature=1.0):
     """log softmax(logits / T)[labels] per position (already aligned), 0.0 where labels == -100. As logit[label] -
@@ -94,8 +96,8 @@ def completion_logits(model, batch, score=None):
     after any change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
     labels = batch["labels"]
     mask = labels != -100
-    if packs(model):
-        packed = pack(batch, one_row=flash_attention(model))
+    packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
+    if packed:
         P = batch["input_ids"].shape[1] - labels.shape[1]
         where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
         inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("flash", {}))
@@ -223,7 +225,9 @@ class HeadLogps(torch.autograd.Function):
         """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
         if probs is None:
             probs = HeadLogps.chunk_logits(h, weight, bias, temperature).sub_(lse[:, None]).exp_()
-        grad_logits = probs.mul(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
+        # in place, the kept softmax too (freed after the backward): no fresh logits-sized buffer, whose page
+        # faults cost a CPU step more than the multiply
+        grad_logits = probs.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
         if temperature != 1.0:
             grad_logits.div_(temperature)
         if grad_weight is not None:  # in the compute dtype (bf16 GEMMs accumulate in float32), summed in float32
@@ -253,9 +257,9 @@ def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
 
 def position_outputs(model, batch):
     """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
-    if not packs(model):
+    packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
+    if not packed:
         return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    packed = pack(batch, one_row=flash_attention(model))
     outputs = forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed.get("flash"))
     return unpack(outputs, packed["index"])
 

@@ -113,21 +113,24 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def rollout(policy, ref_model, reward_model, value_model, prompts, tokenizer, args, device):
     """Sample one response per prompt, then score it, in chunks of --local_rollout_forward_batch_size: a Rollout.
-    The policy scores in eval mode, as it sampled; its mode is restored after."""
+    The policy scores in eval mode, as it sampled; its mode is restored after. Each model scores every chunk in
+    turn, gathered once under FSDP2 (models.unsharded), so at most one model is held whole at a time."""
     size = args.local_rollout_forward_batch_size
     completions = common.generate_completions(policy, prompts, tokenizer, device, size)
     batch = batching.collate([p["prompt"] for p in prompts], completions, tokenizer.pad_token_id, device)
     stop = common.stop_ids(policy.generation_config, tokenizer)
     has_eos = torch.tensor([c[-1] in stop for c in completions], device=device)
-    parts = {"old_logps": [], "ref_logps": [], "old_values": [], "scores": []}
+    chunks = [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, len(prompts), size)]
+    scorers = {"old_logps": (policy, lambda c: logprobs.token_logps(policy, c, args.temperature)),
+               "ref_logps": (ref_model, lambda c: logprobs.token_logps(ref_model, c, args.temperature)),
+               "old_values": (value_model, lambda c: token_values(value_model, c)),
+               "scores": (reward_model, lambda c: rm.last_token_rewards(reward_model, c))}
+    parts = {}
     with common.evaluating(policy):
-        for i in range(0, len(prompts), size):
-            chunk = {k: v[i:i + size] for k, v in batch.items()}
-            parts["old_logps"].append(logprobs.token_logps(policy, chunk, args.temperature))
-            parts["ref_logps"].append(logprobs.token_logps(ref_model, chunk, args.temperature))
-            parts["old_values"].append(token_values(value_model, chunk))
-            parts["scores"].append(rm.last_token_rewards(reward_model, chunk))
-    return Rollout(batch, has_eos, **{k: torch.cat(v) for k, v in parts.items()})
+        for name, (model, score) in scorers.items():  # one model at a time, gathered once for all its chunks
+            with models.unsharded(model):
+                parts[name] = torch.cat([score(chunk) for chunk in chunks])
+    return Rollout(batch, has_eos, **parts)
 
 
 def ppo_step(logps, entropy, values, mask, targets, n_tokens, args):

@@ -29,7 +29,8 @@ model: logprobs.sequence_logps against the naive form, without grad and forward 
 90 prompt / 220 response tokens, long tails) and compares `ours` (packed: padding-free batches, as
 by default) with `padded` (--no-padding_free) and TRL, for SFT, DPO and KTO. Steps then differ in
 length: tokens/s is the median over steps of each step's own rate, and `padding` is the share of
-padding positions in the batches the model ran on (for `ours`, after packing).
+padding positions in the batches the model ran on (for `ours`, as run: packed, or padded where packing
+saves under logprobs.MIN_PACK_SAVING).
 
 TRL is optional: without it the TRL cases are skipped (see README, "Speed and memory").
 """
@@ -191,7 +192,8 @@ def run_ours(algo, impl, steps, warmup, directory):
     def counted(logger, batch):  # the trained rows of the step (one micro-batch)
         tokens.append(int(batch["attention_mask"].sum()))
         positions["padded_positions"].append(batch["attention_mask"].numel())
-        positions["packed_positions"].append(batching.pack(batch)["input_ids"].numel())
+        layout = batching.pack(batch, min_saving=logprobs.MIN_PACK_SAVING)  # None: the batch runs padded
+        positions["packed_positions"].append((layout or batch)["input_ids"].numel())
         count(logger, batch)
 
     common.clip_and_step, common.Logger.count = timed_step, counted

@@ -43,6 +43,7 @@ SINGLE = [dict(prompt=e["prompt"], completion=e[k], label=k == "chosen") for e i
 @pytest.fixture
 def layout(monkeypatch):
     """layout(fn, *args): fn's outputs padded, then packed, with their gradients as a second forward."""
+    monkeypatch.setattr(logprobs, "MIN_PACK_SAVING", 0.0)  # packed whatever packing saves
     def run(fn, *args):
         results = []
         for packed in (False, True):
@@ -77,6 +78,30 @@ def test_packed_rows_never_exceed_the_padded_batch(seed, device):
     (B, W), (R, T) = batch["input_ids"].shape, batching.pack(batch)["input_ids"].shape
     assert R <= B and T <= W and R * T * T <= B * W * W  # activations and the (T x T) mask
     assert (batching.pack(batch)["index"] >= 0).sum() == batch["attention_mask"].sum()  # every token once
+
+
+def test_a_batch_that_packing_barely_shortens_runs_padded(device, monkeypatch):
+    # no padding: 4 rows of 3 + 4 = 7 tokens; packed, still 4 rows of 7: it saves 0 of 28 positions
+    flat = batching.collate([[5, 6, 7]] * 4, [[11, 12, 13, 14]] * 4, 0, device)
+    assert batching.pack(flat)["input_ids"].shape == (4, 7)
+    assert batching.pack(flat, min_saving=logprobs.MIN_PACK_SAVING) is None
+    # test_pack_layout_by_hand's batch: 2 rows of 7 instead of 3, it saves 7 of 21 positions, 1/3
+    uneven = batching.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, device)
+    assert batching.pack(uneven, min_saving=0.33)["input_ids"].shape == (2, 7)
+    assert batching.pack(uneven, min_saving=0.34) is None
+    # a model that packs runs the flat batch padded; packed anyway, the log-probs and gradients are the same
+    model = tiny_llama(device)
+    model.padding_free = False
+    padded = values_and_grads(model, lambda: logprobs.token_logps(model, flat))
+    model.padding_free, layouts, pack = True, [], batching.pack
+    monkeypatch.setattr(logprobs, "pack", lambda batch, **kw: layouts.append(pack(batch, **kw)) or layouts[-1])
+    chosen = values_and_grads(model, lambda: logprobs.token_logps(model, flat))
+    assert layouts == [None]
+    torch.testing.assert_close(chosen[0], padded[0], rtol=0, atol=0)  # the padded forward itself
+    monkeypatch.setattr(logprobs, "MIN_PACK_SAVING", 0.0)
+    packed = values_and_grads(model, lambda: logprobs.token_logps(model, flat))
+    assert layouts[-1]["input_ids"].shape == (4, 7)
+    assert_same(padded, packed)
 
 
 def values_and_grads(model, fn):
