@@ -255,6 +255,15 @@ def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
     return getattr(out, "logits", out)
 
 
+def last_token_outputs(model, batch):
+    """(B,) outputs (a reward model's rewards, a value model's values) at each row's last real token (column
+    P + n - 1 in collate's layout)."""
+    values = position_outputs(model, batch)
+    labels = batch["labels"]
+    last = values.shape[1] - labels.shape[1] + (labels != -100).sum(-1) - 1
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
 def position_outputs(model, batch):
     """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
     packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)

@@ -124,7 +124,7 @@ def rollout(policy, ref_model, reward_model, value_model, prompts, tokenizer, ar
     scorers = {"old_logps": (policy, lambda c: logprobs.token_logps(policy, c, args.temperature)),
                "ref_logps": (ref_model, lambda c: logprobs.token_logps(ref_model, c, args.temperature)),
                "old_values": (value_model, lambda c: token_values(value_model, c)),
-               "scores": (reward_model, lambda c: rm.last_token_rewards(reward_model, c))}
+               "scores": (reward_model, lambda c: logprobs.last_token_outputs(reward_model, c))}
     parts = {}
     with common.evaluating(policy):
         for name, (model, score) in scorers.items():  # one model at a time, gathered once for all its chunks
@@ -214,14 +214,12 @@ def main(argv=None):
 
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
-    reward_model, value_model = (rm.load_reward_model(  # with --lora_r the value model is a LoRA backbone too
-        args.reward_model, device, args.dtype, args.trust_remote_code, args.allow_pickle, trained, args.padding_free,
+    reward_model = rm.load_frozen(args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code,
+                                  args.allow_pickle, args.padding_free)
+    value_model = rm.load_reward_model(  # with --lora_r a LoRA backbone too, its head trained in full
+        args.reward_model, device, args.dtype, args.trust_remote_code, args.allow_pickle, True, args.padding_free,
         lora.config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.reward_model),
-        args.seed) for trained in (False, True))
-    models.frozen(reward_model)
-    if models.load_tokenizer(args.reward_model, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        raise common.UserError(f"--reward_model {args.reward_model} has another tokenizer than --model {args.model}; "
-                               "train the reward model from the same base")
+        args.seed)
     if args.gradient_checkpointing:
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generation_config = common.set_sampling(policy, args, tokenizer)

@@ -12,8 +12,7 @@ import torch
 
 import batching
 import common
-import models
-import rm
+import logprobs
 from common import UserError
 
 
@@ -56,16 +55,6 @@ def check_flags(reward_fn, reward_model, reward_weights, data, toy_reward_fn):
     if reward_weights is not None and len(reward_weights) != n_rewards:
         raise UserError(f"--reward_weights has {len(reward_weights)} values for {n_rewards} rewards")
     return reward_fn
-
-
-def load_reward_model(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free):
-    """The frozen rm.py reward model at `path`; a UserError if its tokenizer is not the policy's (--model `model`)."""
-    reward_model = models.frozen(rm.load_reward_model(path, device, dtype, trust_remote_code, allow_pickle,
-                                                      padding_free=padding_free))
-    if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"--reward_model {path} has another tokenizer than --model {model}; train the reward "
-                        "model from the same base")
-    return reward_model
 
 
 def reward_kwargs(global_step, max_steps, log_metric):
@@ -139,7 +128,7 @@ def score(expanded, completions, tokenizer, reward_fns, kwargs, reward_model, ov
                             for name, fn in reward_fns], device=device).reshape(len(reward_fns), len(rows)).T
     if reward_model is not None:
         batch = batching.collate([p["prompt"] for p in expanded], completions, tokenizer.pad_token_id, device)
-        scores = [rm.last_token_rewards(reward_model, {k: v[i:i + size] for k, v in batch.items()})
+        scores = [logprobs.last_token_outputs(reward_model, {k: v[i:i + size] for k, v in batch.items()})
                   for i in range(0, len(rows), size)]
         rewards = torch.cat([rewards, torch.cat(scores)[:, None].float()], 1)
     if overlong is not None:

@@ -61,14 +61,6 @@ class RewardModel(torch.nn.Module):
         return self.value_head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks want a fresh tensor
 
 
-def last_token_rewards(model, batch):
-    """(B,) rewards read at each row's last real token (column P + n - 1 in common's layout)."""
-    values = logprobs.position_outputs(model, batch)  # packed or padded forward, padded layout
-    labels = batch["labels"]
-    last = values.shape[1] - labels.shape[1] + (labels != -100).sum(-1) - 1
-    return values.gather(1, last.unsqueeze(1)).squeeze(1)
-
-
 def sharded_like_backbone(model, device, dtype):
     """A RewardModel around a sharded backbone is sharded too, its head in the backbone's mixed precision."""
     return models.shard_model(model, device, common.resolve_dtype(dtype, device)) if models.is_sharded(model) else model
@@ -92,6 +84,17 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
     model = RewardModel(backbone, torch.float32 if trained else None)
     model.value_head.load_state_dict(load_file(head, device=str(device)))
     return sharded_like_backbone(model, device, dtype)
+
+
+def load_frozen(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free):
+    """The frozen reward model at `path` that scores a policy's responses; a UserError if its tokenizer is not
+    the policy's (--model `model`, `tokenizer`)."""
+    reward_model = models.frozen(load_reward_model(path, device, dtype, trust_remote_code, allow_pickle,
+                                                   padding_free=padding_free))
+    if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise common.UserError(f"--reward_model {path} has another tokenizer than --model {model}; train the reward "
+                               "model from the same base")
+    return reward_model
 
 
 def save_reward_model(model, tokenizer, out_dir, dtype=None, merge=False):
@@ -129,7 +132,7 @@ def heldout_metrics(model, chunks, args, pad_id, device):
     sums = common.Sums()
     with common.evaluating(model):
         for chunk in chunks:
-            sums.add(rm_step(last_token_rewards(model, batching.collate_pairs(chunk, pad_id, device)), n_pairs,
+            sums.add(rm_step(logprobs.last_token_outputs(model, batching.collate_pairs(chunk, pad_id, device)), n_pairs,
                              args)[1])
     return common.means(sums.total(device), n_pairs, prefix="eval/")
 
@@ -174,7 +177,7 @@ def main(argv=None):
         sums = common.Sums()
         for mb in micro:
             batch = batching.collate_pairs(mb, pad_id, device)
-            loss, metrics = rm_step(last_token_rewards(model, batch), n_pairs, args)
+            loss, metrics = rm_step(logprobs.last_token_outputs(model, batch), n_pairs, args)
             (loss * common.world()).backward()  # FSDP averages gradients over ranks
             sums.add(metrics)
             logger.count(batch)

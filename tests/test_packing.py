@@ -156,7 +156,7 @@ def reward_model(device, seed=2):
 def test_reward_and_value_forwards_packed_equal_padded(layout, device):
     """rm.py's last-token rewards (trained) and ppo's per-token values (trained) and scores."""
     model, batch = reward_model(device), batching.collate_pairs(PAIRS, 0, device)
-    assert_same(*layout(values_and_grads, model, lambda: rm.last_token_rewards(model, batch)))
+    assert_same(*layout(values_and_grads, model, lambda: logprobs.last_token_outputs(model, batch)))
     mask = batch["labels"] != -100  # values on padding are never read (ppo masks them)
     assert_same(*layout(values_and_grads, model, lambda: ppo.token_values(model, batch) * mask))
 

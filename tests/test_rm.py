@@ -9,6 +9,7 @@ import torch
 import batching
 import common
 import formats
+import logprobs
 import models
 import rm
 
@@ -56,13 +57,13 @@ def test_reward_is_read_at_the_last_real_token(tiny_rm):
     prompts, completions = [[1, 10, 11], [1, 12]], [[20, 21, eos], [22, eos]]
     batch = batching.collate(prompts, completions, tokenizer.pad_token_id, CPU)
     with torch.no_grad():
-        rewards = rm.last_token_rewards(model, batch)
+        rewards = logprobs.last_token_outputs(model, batch)
         values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         # P = 3 prompt columns: row 0's EOS is column 3 + 2, row 1's column 3 + 1
         # (rewards come from a packed forward, values from the padded one: equal up to float rounding)
         torch.testing.assert_close(rewards, torch.stack([values[0, 5], values[1, 4]]), atol=1e-5, rtol=0)
         # and the padding around a row changes nothing: the same row scored alone
-        alone = rm.last_token_rewards(model, batching.collate(prompts[1:], completions[1:], tokenizer.pad_token_id, CPU))
+        alone = logprobs.last_token_outputs(model, batching.collate(prompts[1:], completions[1:], tokenizer.pad_token_id, CPU))
     torch.testing.assert_close(rewards[1:], alone, atol=1e-5, rtol=0)
 
 
@@ -76,7 +77,7 @@ def test_saved_reward_model_scores_exactly_as_before(tiny_rm, tmp_path):
         "model.safetensors", rm.HEAD_FILE]
     loaded = rm.load_reward_model(str(tmp_path / "rm"), CPU).eval()
     with torch.no_grad():
-        assert torch.equal(rm.last_token_rewards(loaded, batch), rm.last_token_rewards(model, batch))
+        assert torch.equal(logprobs.last_token_outputs(loaded, batch), logprobs.last_token_outputs(model, batch))
 
 
 def test_missing_head_is_a_user_error(tiny_model):
