@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+import workload
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VOCAB, PROMPTS, GENERATIONS = 152064, 2, 8
@@ -48,11 +50,6 @@ def full_logits_logps_and_entropy(model, batch, temperature):
     return logprobs.spread(logps, mask), logprobs.spread(entropy, mask)
 
 
-def memory_mb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**10
-
-
 def worker(impl, new_tokens, work, result):
     sys.path.insert(0, ROOT)
     import grpo
@@ -68,7 +65,7 @@ def worker(impl, new_tokens, work, result):
     with open(os.path.join(work, f"out-{impl}-{new_tokens}", "metrics.jsonl")) as f:
         tokens = json.loads(f.readline())["completions/mean_length"]
     with open(result, "w") as f:
-        json.dump({"peak_mb": memory_mb("VmHWM"), "mean_length": tokens}, f)
+        json.dump({"peak_mb": workload.memory_mb("VmHWM"), "mean_length": tokens}, f)
 
 
 def build(work):

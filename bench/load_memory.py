@@ -31,11 +31,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def memory_mb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**10
-
-
 def worker(results, flags):
     """One rank (or the one process) of dpo.py in the checkout under test (the working directory)."""
     sys.path[:] = [os.getcwd()] + [p for p in sys.path if os.path.abspath(p) != HERE]  # not this file's folder
@@ -47,7 +42,7 @@ def worker(results, flags):
     load_model, seen, loaded = loader.load_model, {}, []
 
     def first_load(*args, **kwargs):
-        seen.setdefault("imports_mb", memory_mb("VmRSS"))
+        seen.setdefault("imports_mb", workload.memory_mb("VmRSS"))
         loaded.append(load_model(*args, **kwargs))
         return loaded[-1]
 
@@ -56,7 +51,7 @@ def worker(results, flags):
             for tensor in model.state_dict().values():
                 float((tensor.to_local() if hasattr(tensor, "to_local") else tensor).float().sum())
         with open(os.path.join(results, f"rank{common.rank()}.json"), "w") as f:
-            json.dump({"peak_mb": memory_mb("VmHWM"), "resident_mb": memory_mb("VmRSS"), **seen}, f)
+            json.dump({"peak_mb": workload.memory_mb("VmHWM"), "resident_mb": workload.memory_mb("VmRSS"), **seen}, f)
         common.barrier()
         sys.exit(0)
 

@@ -25,11 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def memory_mb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**10
-
-
 def worker(result, flags):
     """One dpo.py run in this process; its peak RSS and RSS before loading to `result` (JSON)."""
     sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p) != HERE]
@@ -39,13 +34,13 @@ def worker(result, flags):
     load_model, seen = models.load_model, {}
 
     def first_load(*args, **kwargs):
-        seen.setdefault("imports_mb", memory_mb("VmRSS"))
+        seen.setdefault("imports_mb", workload.memory_mb("VmRSS"))
         return load_model(*args, **kwargs)
 
     models.load_model = first_load
     dpo.main(flags)
     with open(result, "w") as f:
-        json.dump({"peak_mb": memory_mb("VmHWM"), **seen}, f)
+        json.dump({"peak_mb": workload.memory_mb("VmHWM"), **seen}, f)
 
 
 def run(name, extra, model_dir, work, steps):

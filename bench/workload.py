@@ -18,6 +18,12 @@ N_PAIRS = 64
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
+def memory_mb(field):
+    """This process's /proc/self/status `field` (VmRSS: resident now, VmHWM: the peak so far) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**10
+
+
 def model_config(vocab_size=32000, hidden_size=256, layers=4):
     """Llama-style: 4 layers, hidden 256, 4 heads, SwiGLU 704; 19.6M parameters at 32k vocabulary."""
     from transformers import LlamaConfig
