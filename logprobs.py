@@ -169,18 +169,20 @@ class HeadLogps(torch.autograd.Function):
 
     d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
     (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
-    Otherwise the float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time: the forward
-    keeps each row's logsumexp only, the backward recomputes a chunk's logits and turns them in
-    place into their gradient. Chunks stay large for efficient matmuls (each re-reads the weight).
+    Otherwise the float32 logits exist one chunk of rows (CHUNK_ELEMENTS) at a time, in one buffer
+    reused from chunk to chunk: the forward keeps each row's logsumexp only, the backward recomputes
+    a chunk's logits and turns them in place into their gradient. Chunks stay large for efficient
+    matmuls (each re-reads the weight).
     """
     CHUNK_ELEMENTS = 2**24  # 64 MB of float32 logits
-    KEEP_ELEMENTS = 2**25  # 128 MB: a DPO batch at a 32k vocabulary keeps it; 1k tokens at 128k recompute
+    KEEP_ELEMENTS = 2**27  # 512 MB: cheaper than a second vocabulary matmul (DPO, 4 pairs of ~550 tokens at 32k)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, entropy=False):
         keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
         rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
-        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep, entropy)
+        buffer = None if keep else HeadLogps.chunk_buffer(hidden, weight, rows)
+        chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep, entropy, buffer)
                   for h, y in zip(hidden.split(rows), labels.split(rows))]
         logps, lse, probs, entropies = zip(*chunks)
         logps, lse = torch.cat(logps), torch.cat(lse)
@@ -195,36 +197,48 @@ class HeadLogps(torch.autograd.Function):
         hidden, weight, bias, labels, lse, probs = ctx.saved_tensors
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        buffer = None if probs is not None else HeadLogps.chunk_buffer(hidden, weight, ctx.rows)
         grad_hidden = torch.cat([
-            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs)
+            HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs, buffer)
             for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
     @staticmethod
-    def chunk_logits(h, weight, bias, temperature):
-        logits = F.linear(h, weight, bias).float()
+    def chunk_buffer(hidden, weight, rows):
+        """One (rows, V) float32 buffer for every chunk's logits, when they are computed in float32: on CPU a
+        fresh buffer per chunk costs more in page faults than its exp. None otherwise (a bf16 matmul writes its
+        own output; CUDA's allocator reuses memory anyway)."""
+        if hidden.dtype != torch.float32 or weight.dtype != torch.float32:
+            return None
+        return hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0])
+
+    @staticmethod
+    def chunk_logits(h, weight, bias, temperature, buffer=None):
+        if buffer is None:
+            logits = F.linear(h, weight, bias).float()
+        elif bias is None:
+            logits = torch.mm(h, weight.T, out=buffer[:len(h)])
+        else:
+            logits = torch.addmm(bias, h, weight.T, out=buffer[:len(h)])
         return logits.div_(temperature) if temperature != 1.0 else logits
 
     @staticmethod
-    def chunk_forward(h, y, weight, bias, temperature, keep, entropy):
-        """(log-probs, logsumexp, softmax if keep, entropy if `entropy`) of a chunk's rows. The entropy is
-        log Z - sum_v e^z_v z_v / Z, with z = logits - max and Z = sum_v e^z_v; without it, one (rows, V) buffer."""
-        logits = HeadLogps.chunk_logits(h, weight, bias, temperature)
+    def chunk_forward(h, y, weight, bias, temperature, keep, entropy, buffer):
+        """(log-probs, logsumexp, softmax if keep, entropy if `entropy`) of a chunk's rows, from one in-place
+        log_softmax of its logits (a single pass per row). The entropy is -sum_v p_v log p_v."""
+        logits = HeadLogps.chunk_logits(h, weight, bias, temperature, buffer)
         target = logits.gather(-1, y[:, None]).squeeze(-1)
-        top = logits.amax(-1, keepdim=True)
-        z = logits.sub_(top)
-        e = z.exp() if entropy else z.exp_()  # the entropy needs z beside e^z
-        total = e.sum(-1)
-        lse = total.log() + top.squeeze(-1)
-        h_rows = total.log() - torch.bmm(e[:, None], z[:, :, None]).flatten() / total if entropy else None
-        return target - lse, lse, e.div_(total[:, None]) if keep else None, h_rows
+        log_p = torch.log_softmax(logits, -1, out=logits)
+        logps = log_p.gather(-1, y[:, None]).squeeze(-1)
+        h_rows = -log_p.exp().mul_(log_p).sum(-1) if entropy else None
+        return logps, target - logps, log_p.exp_() if keep else None, h_rows
 
     @staticmethod
-    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs):
+    def chunk_backward(h, y, lse, g, weight, bias, temperature, grad_weight, grad_bias, probs, buffer):
         """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
         if probs is None:
-            probs = HeadLogps.chunk_logits(h, weight, bias, temperature).sub_(lse[:, None]).exp_()
+            probs = HeadLogps.chunk_logits(h, weight, bias, temperature, buffer).sub_(lse[:, None]).exp_()
         # in place, the kept softmax too (freed after the backward): no fresh logits-sized buffer, whose page
         # faults cost a CPU step more than the multiply
         grad_logits = probs.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
