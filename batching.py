@@ -4,7 +4,10 @@ Batch layout (all collators): each row is [left padding | prompt | completion | 
 with every completion starting at the same column P. `labels` holds only the completion
 columns: labels[:, j] is token P + j, or -100 on padding and on the unscored turns inside a
 multi-turn chat's completion (an example's "completion_mask"). So the model projects to the
-vocabulary only at the C + 1 positions that score a completion token, never on the prompt.
+vocabulary only at the C + 1 positions that score a completion token, never on the prompt. Two
+tensors stay on the host, so that no layout waits for the device: `spans` (B, 2), each row's first
+real column and its number of real tokens (pack() and Logger.count read them), and `scored` (B, C),
+labels != -100 (logprobs.scored_index).
 
 This padded batch is what scripts see. The model may run on its packed (padding-free) form instead:
 pack() puts each sequence's real tokens whole into rows of at most P + C tokens, position_ids
@@ -42,7 +45,8 @@ def collate(prompts, completions, pad_id, device, masks=None):
             labels[i, : len(c)].masked_fill_(torch.tensor(masks[i]) == 0, -100)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
-    return {k: to_device(v, device) for k, v in batch.items()}
+    spans = torch.tensor([[P - len(p), len(p) + len(c)] for p, c in zip(prompts, completions)], dtype=torch.long)
+    return {**{k: to_device(v, device) for k, v in batch.items()}, "spans": spans, "scored": labels != -100}
 
 
 def collate_single(examples, pad_id, device):
@@ -77,11 +81,11 @@ def pack(batch, one_row=False, min_saving=0.0):
     in a single row) puts every sequence in one row and adds `flash`, the varlen kernel's arguments
     cu_seq_lens_q/k (the sequences' boundaries) and max_length_q/k, built here so that no layer derives them.
     Returns input_ids and position_ids (R, T), and index (B, W): where each padded position's token
-    sits in the flattened rows, -1 on padding. The layout is built on the host, then copied over at once.
+    sits in the flattened rows, -1 on padding. The layout is built on the host from the batch's spans,
+    then copied over at once (no device sync).
     """
-    real = batch["attention_mask"].bool().cpu()
-    B, W = real.shape
-    lengths, starts = real.sum(-1).tolist(), real.int().argmax(-1).tolist()
+    B, W = batch["input_ids"].shape
+    starts, lengths = batch["spans"].T.tolist()
     width = sum(lengths) if one_row else W
     rows, free = [], []
     for b in sorted(range(B), key=lambda b: -lengths[b]):
@@ -126,6 +130,13 @@ def to_device(tensor, device):
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def take(tensors, rows, device):
+    """Rows `rows` (a host index tensor) of every tensor: those on the host (a batch's spans) directly, those
+    on `device` through one non-blocking copy of the index (a host index would wait for the device)."""
+    on_device = to_device(rows, device)
+    return {k: v[rows if v.device.type == "cpu" else on_device] for k, v in tensors.items()}
 
 
 def unpack(outputs, index):

@@ -358,7 +358,7 @@ class Logger:
         self.first, self.last, self.total_tokens, self.began = {}, {}, 0, self.t0
 
     def count(self, batch):
-        self.tokens += batch["attention_mask"].sum()  # on the device until logged: no host sync per micro-batch
+        self.tokens += int(batch["spans"][:, 1].sum())  # real tokens, counted on the host: no device sync
 
     def tokens_per_second(self, device):
         """Tokens (all ranks, padding excluded) per second since the last call."""

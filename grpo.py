@@ -273,7 +273,7 @@ def main(argv=None):
     ref_model = models.load_reference(args, device, policy=policy) if args.beta > 0 else None  # LoRA: adapter off
     reward_model = None if args.reward_model is None else rm.load_frozen(
         args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
-        args.padding_free)
+        args.padding_free, args.attn_implementation)
     names = [name for name, _ in reward_fns] + ["reward_model"] * (reward_model is not None)
     weights = torch.tensor((args.reward_weights or [1.0] * len(names)) + [1.0] * bool(args.overlong_buffer),
                            device=device)  # --overlong_penalty scales the overlong penalty
@@ -346,7 +346,8 @@ def main(argv=None):
         n_sequences, n_tokens = max(n_sequences, 1), max(n_tokens, 1)  # every response masked: loss 0
         sums, grad_norm = common.Sums(), 0.0
         for _ in range(args.num_iterations):
-            for rows in torch.arange(len(mask), device=device).split(args.batch_size * args.num_generations):
+            for start in range(0, len(mask), args.batch_size * args.num_generations):
+                rows = slice(start, start + args.batch_size * args.num_generations)
                 mb = {k: v[rows] for k, v in batch.items()}
                 logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
                 old = rollout_old[rows] if args.num_iterations > 1 else logps.detach()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from batching import collate, collate_pairs, pack, unpack
+from batching import collate, collate_pairs, pack, to_device, unpack
 from common import rank, unwrapped_class, world
 
 MIN_PACK_SAVING = 0.05  # a model that packs runs a batch padded unless packing saves this share of its positions
@@ -73,43 +73,44 @@ def head_scores(model, batch, temperature, entropy):
     unless the model changes its head's output (Gemma-2's soft-capping, Cohere's logit_scale): then from the
     logits the model returns. Which one is found at its first call and kept (model.changes_head_output)."""
     labels = batch["labels"]
-    mask = labels != -100
+    where = scored_index(batch)
+    targets = labels[where]
     if not getattr(model, "changes_head_output", None):
-        head, scored = model.get_output_embeddings(), []
+        head, outputs = model.get_output_embeddings(), []
 
         def score(hidden):
-            scored.append(HeadLogps.apply(hidden, head.weight, head.bias, labels[mask], temperature, entropy))
-            return scored[-1][0]
+            outputs.append(HeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, entropy))
+            return outputs[-1][0]
 
         logps = completion_logits(model, batch, score)
-        model.changes_head_output = not scored or logps is not scored[-1][0]
+        model.changes_head_output = not outputs or logps is not outputs[-1][0]
         if not model.changes_head_output:
-            return spread(logps, mask), spread(scored[-1][1], mask) if entropy else None
+            return spread(logps, where, labels.shape), spread(outputs[-1][1], where, labels.shape) if entropy else None
     logits = completion_logits(model, batch)
-    return (spread(gather_logps(logits, labels[mask], temperature), mask),
-            spread(chunked_entropy(logits, temperature), mask) if entropy else None)
+    return (spread(gather_logps(logits, targets, temperature), where, labels.shape),
+            spread(chunked_entropy(logits, temperature), where, labels.shape) if entropy else None)
 
 
 def completion_logits(model, batch, score=None):
-    """One forward in which the LM head sees only the (N, H) hidden states that predict the N completion
-    tokens labels[labels != -100] (row-major), packed or padded (see pack). Returns the logits there (N, V),
-    after any change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
-    labels = batch["labels"]
-    mask = labels != -100
+    """One forward in which the LM head sees only the (N, H) hidden states that predict the N scored completion
+    tokens (scored_index's order), packed or padded (see pack). Returns the logits there (N, V), after any
+    change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
+    C = batch["labels"].shape[1]
+    where = scored_index(batch)
     packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
     if packed:
-        P = batch["input_ids"].shape[1] - labels.shape[1]
-        where = packed["index"][:, P - 1:P - 1 + labels.shape[1]][mask]  # the token before each completion token
+        P = batch["input_ids"].shape[1] - C
+        before = packed["index"][:, P - 1:P - 1 + C][where]  # the token before each completion token
         inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("flash", {}))
 
         def select(hidden):
-            return hidden.flatten(0, 1)[where]
+            return hidden.flatten(0, 1)[before]
     else:
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"], logits_to_keep=labels.shape[1] + 1)
+                      position_ids=batch["position_ids"], logits_to_keep=C + 1)
 
         def select(hidden):  # (B, C + 1, H): position P-1+j predicts completion token j, the last one nothing
-            return hidden[:, :-1][mask]
+            return hidden[:, :-1][where]
     head = model.get_output_embeddings()
     project, called = score or head.forward, []
 
@@ -126,6 +127,13 @@ def completion_logits(model, batch, score=None):
         if own_forward is not None:
             head.forward = own_forward
     return out.logits if called else select(out.logits)  # a model that never calls its head: full logits
+
+
+def scored_index(batch):
+    """Where the batch's N scored completion tokens are, row-major: (rows, columns) index tensors into the
+    (B, C) completion columns, from the host's copy of the label mask (batch["scored"]), so that no boolean
+    indexing on the device waits for it."""
+    return tuple(to_device(batch["scored"].nonzero().T, batch["labels"].device))
 
 
 @torch.no_grad()
@@ -158,9 +166,9 @@ def precomputed_ref_logps(examples, device):
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
 
 
-def spread(values, mask):
-    """(N,) values back to the completion columns (B, C) where mask is True, 0 elsewhere."""
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+def spread(values, where, shape):
+    """(N,) values back to the completion columns (B, C) = shape at `where` (scored_index), 0 elsewhere."""
+    return values.new_zeros(shape).index_put(where, values)
 
 
 class HeadLogps(torch.autograd.Function):

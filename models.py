@@ -64,7 +64,7 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     check_model_path(path, allow_pickle)
     if lora.is_adapter(path):
         return lora.merge(load_model(lora.base_of(path), device, dtype, trust_remote_code, auto_class, allow_pickle,
-                                     trained, padding_free), path)
+                                     trained, padding_free, attn_implementation), path)
     auto_class, compute = auto_class or AutoModelForCausalLM, resolve_dtype(dtype, device)
     params = torch.float32 if trained else compute
     if world() == 1 and params == compute:

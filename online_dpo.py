@@ -167,7 +167,7 @@ def main(argv=None):
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
     reward_model = None if args.reward_model is None else rm.load_frozen(
         args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
-        args.padding_free)
+        args.padding_free, args.attn_implementation)
     n_rewards = len(reward_fns) + (reward_model is not None)
     weights = torch.tensor(args.reward_weights or [1.0] * n_rewards, device=device)
     generation_config = common.set_sampling(policy, args, tokenizer)

@@ -215,11 +215,11 @@ def main(argv=None):
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
     reward_model = rm.load_frozen(args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code,
-                                  args.allow_pickle, args.padding_free)
+                                  args.allow_pickle, args.padding_free, args.attn_implementation)
     value_model = rm.load_reward_model(  # with --lora_r a LoRA backbone too, its head trained in full
         args.reward_model, device, args.dtype, args.trust_remote_code, args.allow_pickle, True, args.padding_free,
         lora.config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.reward_model),
-        args.seed)
+        args.seed, args.attn_implementation)
     if args.gradient_checkpointing:
         value_model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     generation_config = common.set_sampling(policy, args, tokenizer)
@@ -279,14 +279,15 @@ def main(argv=None):
                    "advantages": whiten(advantages, mask, device), "returns": returns}
         sums = common.Sums()
         for _ in range(args.ppo_epochs):
-            order = torch.randperm(len(mask), device=device)
+            order = torch.randperm(len(mask))  # on the host, as the batch's spans are
             for rows in order.split(args.batch_size * args.grad_accum):  # a minibatch: one step of each model
-                (n_tokens,) = common.all_sum([float(mask[rows].sum())], device)  # over its micro-batches and ranks
-                for micro in rows.split(args.batch_size):
-                    mb = {k: v[micro] for k, v in batch.items()}
+                minibatch = batching.take({**batch, **targets, "mask": mask}, rows, device)
+                (n_tokens,) = common.all_sum([float(minibatch["mask"].sum())], device)  # over its micro-batches, ranks
+                for i in range(0, len(rows), args.batch_size):
+                    mb = {k: v[i:i + args.batch_size] for k, v in minibatch.items()}
                     logps, entropy = logprobs.logps_and_entropy(policy, mb, args.temperature)
-                    loss, metrics = ppo_step(logps, entropy, token_values(value_model, mb), mask[micro],
-                                             {k: v[micro] for k, v in targets.items()}, n_tokens, args)
+                    loss, metrics = ppo_step(logps, entropy, token_values(value_model, mb), mb["mask"], mb, n_tokens,
+                                             args)
                     (loss * common.world()).backward()  # FSDP averages gradients over ranks
                     sums.add(metrics)
                     logger.count(mb)

@@ -67,9 +67,9 @@ def sharded_like_backbone(model, device, dtype):
 
 
 def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow_pickle=False, trained=False,
-                      padding_free=None, adapter=None, seed=0):
-    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`, `padding_free`:
-    see models.load_model). A trained one with `adapter` (a LoraConfig, lora.config) has the frozen backbone
+                      padding_free=None, adapter=None, seed=0, attn_implementation=None):
+    """An rm.py output directory (backbone + value_head.safetensors) as a RewardModel (`trained`, `padding_free`,
+    `attn_implementation`: see models.load_model). A trained one with `adapter` (a LoraConfig, lora.config) has the frozen backbone
     in `dtype` with a float32 LoRA adapter drawn from `seed`, and its head trained in full, in float32."""
     from safetensors.torch import load_file
     from transformers import AutoModel
@@ -78,7 +78,7 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
     if not os.path.isfile(head):
         raise common.UserError(f"{path}: no {HEAD_FILE} there; run `python rm.py` first, or pass a directory it wrote")
     backbone = models.load_model(path, device, dtype, trust_remote_code, AutoModel, allow_pickle,
-                                 trained and adapter is None, padding_free)
+                                 trained and adapter is None, padding_free, attn_implementation)
     if trained and adapter is not None:
         backbone = lora.add_adapter(backbone, adapter, seed)
     model = RewardModel(backbone, torch.float32 if trained else None)
@@ -86,11 +86,12 @@ def load_reward_model(path, device, dtype="auto", trust_remote_code=False, allow
     return sharded_like_backbone(model, device, dtype)
 
 
-def load_frozen(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free):
+def load_frozen(path, tokenizer, model, device, dtype, trust_remote_code, allow_pickle, padding_free,
+                attn_implementation):
     """The frozen reward model at `path` that scores a policy's responses; a UserError if its tokenizer is not
     the policy's (--model `model`, `tokenizer`)."""
     reward_model = models.frozen(load_reward_model(path, device, dtype, trust_remote_code, allow_pickle,
-                                                   padding_free=padding_free))
+                                                   padding_free=padding_free, attn_implementation=attn_implementation))
     if models.load_tokenizer(path, trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise common.UserError(f"--reward_model {path} has another tokenizer than --model {model}; train the reward "
                                "model from the same base")

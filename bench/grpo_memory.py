@@ -40,14 +40,15 @@ def full_logits_logps_and_entropy(model, batch, temperature):
 
     import logprobs
 
-    mask = batch["labels"] != -100
+    where = logprobs.scored_index(batch)
     logits = logprobs.completion_logits(model, batch).float() / temperature
     with torch.no_grad():
         entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
-    index = batch["labels"][mask][:, None]
+    index = batch["labels"][where][:, None]
     logps = torch.cat([lg.gather(-1, ix).squeeze(-1) - lg.logsumexp(-1)  # 8 rows at a time, as gather_logps did
                        for lg, ix in zip(logits.split(8), index.split(8))])
-    return logprobs.spread(logps, mask), logprobs.spread(entropy, mask)
+    shape = batch["labels"].shape
+    return logprobs.spread(logps, where, shape), logprobs.spread(entropy, where, shape)
 
 
 def worker(impl, new_tokens, work, result):

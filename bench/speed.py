@@ -263,8 +263,7 @@ def run_large_vocab(naive):
     model = LlamaForCausalLM(workload.model_config(vocab_size=128000, layers=1))
     prompt, completion = 64, 960
     ids = torch.randint(len(workload.SPECIALS), 128000, (1, prompt + completion))
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(prompt + completion)[None],
-                 labels=ids[:, prompt:])
+    batch = batching.collate([ids[0, :prompt].tolist()], [ids[0, prompt:].tolist()], 0, torch.device("cpu"))
     logps = naive_token_logps if naive else logprobs.token_logps
     result = {}
     for name, grad in (("no_grad", False), ("fwd_bwd", True)):

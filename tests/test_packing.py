@@ -68,6 +68,20 @@ def test_pack_layout_by_hand(device):
     assert find_packed_sequence_indices(packed["position_ids"]).tolist() == [[0] * 6 + [1], [0] * 5 + [1, 1]]
 
 
+def test_the_layout_comes_from_the_host_not_the_device(device):
+    # pack() and scored_index() read the host's spans and label mask: a device attention mask of zeros, which
+    # a layout built from the device would read as empty rows, changes nothing
+    batch = batching.collate([[5, 6, 7], [8], [9, 10]], [[11, 12], [13], [14, 15, 16, 17]], 0, device,
+                             [None, [0], [1, 0, 1, 1]])
+    assert batch["spans"].device.type == "cpu" and batch["spans"].tolist() == [[0, 5], [2, 2], [1, 6]]
+    expected = batching.pack(batch)
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    packed = batching.pack(batch)
+    assert all(torch.equal(packed[k], expected[k]) for k in ("input_ids", "position_ids", "index"))
+    rows, columns = logprobs.scored_index(batch)
+    assert (rows.tolist(), columns.tolist()) == ([0, 0, 2, 2, 2], [0, 1, 0, 2, 3])  # row 1 unscored, (2, 1) masked
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_packed_rows_never_exceed_the_padded_batch(seed, device):
     g = torch.Generator().manual_seed(seed)

@@ -80,6 +80,16 @@ def test_saved_reward_model_scores_exactly_as_before(tiny_rm, tmp_path):
         assert torch.equal(logprobs.last_token_outputs(loaded, batch), logprobs.last_token_outputs(model, batch))
 
 
+def test_a_frozen_reward_model_takes_the_attention_implementation_asked_for(tiny_rm, tmp_path):
+    tokenizer, model = tiny_rm
+    rm.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
+    frozen = rm.load_frozen(str(tmp_path / "rm"), tokenizer, "policy", CPU, "float32", False, False, None, "eager")
+    assert frozen.backbone.config._attn_implementation == "eager"
+    assert rm.load_reward_model(str(tmp_path / "rm"), CPU).backbone.config._attn_implementation != "eager"
+    with pytest.raises(common.UserError, match="--attn_implementation no_such_kernel"):
+        rm.load_reward_model(str(tmp_path / "rm"), CPU, attn_implementation="no_such_kernel")
+
+
 def test_missing_head_is_a_user_error(tiny_model):
     with pytest.raises(common.UserError, match="value_head.safetensors"):
         rm.load_reward_model(tiny_model, CPU)
