@@ -163,7 +163,7 @@ def precompute_ref_logps(ref_model, examples, batch_size, pad_id, device):
 def precomputed_ref_logps(examples, device):
     """The (2B, C) reference per-token log-probs of a micro-batch, from precompute_ref_logps."""
     rows = [e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples]
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)
+    return to_device(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), device)
 
 
 def spread(values, where, shape):
@@ -189,7 +189,7 @@ class HeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, temperature, entropy=False):
         keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
         rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
-        buffer = None if keep else HeadLogps.chunk_buffer(hidden, weight, rows)
+        buffer = HeadLogps.chunk_buffer(hidden, weight, rows)
         chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep, entropy, buffer)
                   for h, y in zip(hidden.split(rows), labels.split(rows))]
         logps, lse, probs, entropies = zip(*chunks)
@@ -214,9 +214,10 @@ class HeadLogps(torch.autograd.Function):
 
     @staticmethod
     def chunk_buffer(hidden, weight, rows):
-        """One (rows, V) float32 buffer for every chunk's logits, when they are computed in float32: on CPU a
-        fresh buffer per chunk costs more in page faults than its exp. None otherwise (a bf16 matmul writes its
-        own output; CUDA's allocator reuses memory anyway)."""
+        """One (rows, V) float32 buffer for every chunk's logits (the kept softmax's, when one chunk is kept),
+        when they are computed in float32: on CPU a fresh buffer per chunk costs more in page faults than its
+        exp, and every chunk's logits come from the same matmul call, so that the same rows give the same bits
+        kept or chunked. None otherwise (a bf16 matmul writes its own output; CUDA's allocator reuses memory)."""
         if hidden.dtype != torch.float32 or weight.dtype != torch.float32:
             return None
         return hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0])

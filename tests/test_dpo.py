@@ -168,7 +168,10 @@ def assert_same_run(a, b):
     for ma, mb in zip(read_metrics(a), read_metrics(b), strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert ma[key] == pytest.approx(mb[key], abs=1e-5)
-        assert ma["rewards/accuracies"] == mb["rewards/accuracies"]
+        # until the first update moves it, the policy is the reference: each reward is rounding noise around 0
+        # (the reference scored in other batches differs in the last bit), so each accuracy is a coin toss
+        if abs(ma["rewards/margins"]) > 1e-4:
+            assert ma["rewards/accuracies"] == mb["rewards/accuracies"]
     wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
