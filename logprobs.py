@@ -79,7 +79,8 @@ def head_scores(model, batch, temperature, entropy):
         head, outputs = model.get_output_embeddings(), []
 
         def score(hidden):
-            outputs.append(HeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, entropy))
+            outputs.append(HeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, entropy,
+                                           torch.is_grad_enabled()))
             return outputs[-1][0]
 
         logps = completion_logits(model, batch, score)
@@ -173,7 +174,8 @@ def spread(values, where, shape):
 
 class HeadLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias) / temperature)[labels] for N scored rows: (N, H) -> (N,), and, with
-    `entropy`, the entropy of that softmax per row (N,) without grad (else an empty tensor).
+    `entropy`, the entropy of that softmax per row (N,) without grad (else an empty tensor). `grad`: whether
+    the caller runs with grad enabled (a forward always runs without, and needs_input_grad ignores the mode).
 
     d logp / d logits = (onehot(label) - softmax) / temperature. When the N x V softmax is small
     (KEEP_ELEMENTS) and a gradient is needed, it is computed at once and kept for the backward.
@@ -186,8 +188,8 @@ class HeadLogps(torch.autograd.Function):
     KEEP_ELEMENTS = 2**27  # 512 MB, kept rather than recomputed: 4,096 scored tokens at a 32k vocabulary, 1,024 at 128k
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, entropy=False):
-        keep = any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
+    def forward(ctx, hidden, weight, bias, labels, temperature, entropy=False, grad=True):
+        keep = grad and any(ctx.needs_input_grad) and hidden.shape[0] * weight.shape[0] <= HeadLogps.KEEP_ELEMENTS
         rows = hidden.shape[0] if keep else max(1, HeadLogps.CHUNK_ELEMENTS // weight.shape[0])
         buffer = HeadLogps.chunk_buffer(hidden, weight, rows)
         chunks = [HeadLogps.chunk_forward(h, y, weight, bias, temperature, keep, entropy, buffer)
@@ -210,7 +212,7 @@ class HeadLogps(torch.autograd.Function):
             HeadLogps.chunk_backward(h, y, lz, g, weight, bias, ctx.temperature, grad_weight, grad_bias, probs, buffer)
             for h, y, lz, g in zip(*(t.split(ctx.rows) for t in (hidden, labels, lse, grad)))])
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
 
     @staticmethod
     def chunk_buffer(hidden, weight, rows):

@@ -74,6 +74,22 @@ def test_token_logps_without_grad_matches_naive(device):
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_a_forward_without_grad_keeps_no_softmax(monkeypatch, device):
+    # the model's weights require grad, but under no_grad (a reference, a rollout's scoring) nothing will call
+    # the backward: the logits go through chunks of CHUNK_ELEMENTS, never one kept (N, V) softmax
+    monkeypatch.setattr(logprobs.HeadLogps, "CHUNK_ELEMENTS", 3 * VOCAB)
+    buffers = []
+    chunk_buffer = logprobs.HeadLogps.chunk_buffer
+    monkeypatch.setattr(logprobs.HeadLogps, "chunk_buffer",
+                        staticmethod(lambda *a: buffers.append(chunk_buffer(*a)) or buffers[-1]))
+    model, batch = tiny_llama(device), padded_batch(device)
+    with torch.no_grad():
+        logprobs.token_logps(model, batch)
+    logprobs.token_logps(model, batch)
+    n = int((batch["labels"] != -100).sum())
+    assert [len(b) for b in buffers] == [3, n]  # no grad: 3 rows at a time; with grad: all n kept
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_head_logps_with_bias_matches_naive(monkeypatch, layout, device):
     for name, value in LAYOUTS[layout].items():
