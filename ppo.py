@@ -136,8 +136,8 @@ def rollout(policy, ref_model, reward_model, value_model, prompts, tokenizer, ar
 def ppo_step(logps, entropy, values, mask, targets, n_tokens, args):
     """A micro-batch of the rollout -> (its share of the minibatch's loss, its shares of the minibatch's token
     means, named). logps, entropy: the policy's (B, C); values: the value model's (B, C); mask: the response
-    tokens; targets: these rows' old_logps, old_values, advantages and returns; n_tokens: the minibatch's
-    response tokens over all its micro-batches and ranks."""
+    tokens; targets: a mapping with these rows' old_logps, old_values, advantages and returns; n_tokens: the
+    minibatch's response tokens over all its micro-batches and ranks."""
     pg, pg_clipfrac = policy_loss(logps, targets["old_logps"], targets["advantages"], mask, args.cliprange)
     vf, vf_clipfrac = value_loss(values, targets["old_values"], targets["returns"], mask, args.cliprange_value)
     weight = mask.sum() / n_tokens
