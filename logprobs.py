@@ -83,21 +83,20 @@ def head_scores(model, batch, temperature, entropy):
                                            torch.is_grad_enabled()))
             return outputs[-1][0]
 
-        logps = completion_logits(model, batch, score)
+        logps = completion_logits(model, batch, where, score)
         model.changes_head_output = not outputs or logps is not outputs[-1][0]
         if not model.changes_head_output:
             return spread(logps, where, labels.shape), spread(outputs[-1][1], where, labels.shape) if entropy else None
-    logits = completion_logits(model, batch)
+    logits = completion_logits(model, batch, where)
     return (spread(gather_logps(logits, targets, temperature), where, labels.shape),
             spread(chunked_entropy(logits, temperature), where, labels.shape) if entropy else None)
 
 
-def completion_logits(model, batch, score=None):
+def completion_logits(model, batch, where, score=None):
     """One forward in which the LM head sees only the (N, H) hidden states that predict the N scored completion
-    tokens (scored_index's order), packed or padded (see pack). Returns the logits there (N, V), after any
+    tokens at `where` (scored_index), packed or padded (see pack). Returns the logits there (N, V), after any
     change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
     C = batch["labels"].shape[1]
-    where = scored_index(batch)
     packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
     if packed:
         P = batch["input_ids"].shape[1] - C
@@ -271,7 +270,7 @@ def sequence_logps(model, batch, temperature=1.0):
 
 
 def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
-    """A causal LM's logits, or what another model (rm.RewardModel) returns, per position. `flash`: pack's
+    """A causal LM's logits, or what another model (reward_models.RewardModel) returns, per position. `flash`: pack's
     varlen arguments, for a transformers model (another model's flash attention finds them from position_ids)."""
     from transformers import PreTrainedModel
 

@@ -35,7 +35,7 @@ import formats
 import logprobs
 import models
 import reward_functions
-import rm
+import reward_models
 from dpo import dpo_loss, pair_logps
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, ensure_model, HERE as TOY_DIR, SFT_MODEL_DIR
@@ -165,7 +165,7 @@ def main(argv=None):
     reward_fns = [reward_functions.load_reward_fn(spec) for spec in args.reward_fn]
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
-    reward_model = None if args.reward_model is None else rm.load_frozen(
+    reward_model = None if args.reward_model is None else reward_models.load_frozen(
         args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code, args.allow_pickle,
         args.padding_free, args.attn_implementation)
     n_rewards = len(reward_fns) + (reward_model is not None)

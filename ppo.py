@@ -35,7 +35,7 @@ import formats
 import logprobs
 import lora
 import models
-import rm
+import reward_models
 from toy.eval import evaluate, is_toy
 from toy.task import DATA_DIR as TOY_DATA_DIR, SFT_MODEL_DIR, ensure_model
 
@@ -214,9 +214,10 @@ def main(argv=None):
 
     tokenizer, policy = models.load_policy(args, device)
     ref_model = models.load_reference(args, device, policy=policy)  # LoRA: the adapter off
-    reward_model = rm.load_frozen(args.reward_model, tokenizer, args.model, device, args.dtype, args.trust_remote_code,
-                                  args.allow_pickle, args.padding_free, args.attn_implementation)
-    value_model = rm.load_reward_model(  # with --lora_r a LoRA backbone too, its head trained in full
+    reward_model = reward_models.load_frozen(args.reward_model, tokenizer, args.model, device, args.dtype,
+                                             args.trust_remote_code, args.allow_pickle, args.padding_free,
+                                             args.attn_implementation)
+    value_model = reward_models.load_reward_model(  # with --lora_r a LoRA backbone too, its head trained in full
         args.reward_model, device, args.dtype, args.trust_remote_code, args.allow_pickle, True, args.padding_free,
         lora.config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, args.reward_model),
         args.seed, args.attn_implementation)
@@ -320,7 +321,8 @@ def main(argv=None):
     policy.generation_config = generation_config  # save the checkpoint's own generation defaults, not PPO's
     checkpoint.save_model(policy, tokenizer, args.output_dir, models.save_dtype(args), args.merge_lora)
     if args.save_value_model:
-        rm.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"), models.save_dtype(args))
+        reward_models.save_reward_model(value_model, tokenizer, os.path.join(args.output_dir, "value_model"),
+                                        models.save_dtype(args))
     logger.close()
 
 

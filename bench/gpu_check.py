@@ -101,10 +101,10 @@ def build_reward_model(model_dir, out_dir):
     from transformers import AutoModel
 
     import models
-    import rm
+    import reward_models
 
     backbone = models.load_model(model_dir, torch.device("cpu"), "float32", auto_class=AutoModel)
-    rm.save_reward_model(rm.RewardModel(backbone), models.load_tokenizer(model_dir), out_dir)
+    reward_models.save_reward_model(reward_models.RewardModel(backbone), models.load_tokenizer(model_dir), out_dir)
 
 
 def build_data(out_dir, tiny=False, n=64, seed=0):

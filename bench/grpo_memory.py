@@ -41,7 +41,7 @@ def full_logits_logps_and_entropy(model, batch, temperature):
     import logprobs
 
     where = logprobs.scored_index(batch)
-    logits = logprobs.completion_logits(model, batch).float() / temperature
+    logits = logprobs.completion_logits(model, batch, where).float() / temperature
     with torch.no_grad():
         entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
     index = batch["labels"][where][:, None]

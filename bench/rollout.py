@@ -29,7 +29,7 @@ import common  # noqa: E402
 import formats  # noqa: E402
 import models  # noqa: E402
 import ppo  # noqa: E402
-import rm  # noqa: E402
+import reward_models  # noqa: E402
 from bench import workload  # noqa: E402
 
 BENCH_DIR = os.path.join(ROOT, "out", "bench")
@@ -40,10 +40,10 @@ def build_reward_model(model_dir, out_dir):
     """The bench model's backbone and a zero value head, as rm.py writes a reward model."""
     from transformers import AutoModel, AutoTokenizer
 
-    if not os.path.exists(os.path.join(out_dir, rm.HEAD_FILE)):
-        model = rm.RewardModel(AutoModel.from_pretrained(model_dir))
+    if not os.path.exists(os.path.join(out_dir, reward_models.HEAD_FILE)):
+        model = reward_models.RewardModel(AutoModel.from_pretrained(model_dir))
         torch.nn.init.zeros_(model.value_head.weight)
-        rm.save_reward_model(model, AutoTokenizer.from_pretrained(model_dir), out_dir)
+        reward_models.save_reward_model(model, AutoTokenizer.from_pretrained(model_dir), out_dir)
     return out_dir
 
 
@@ -82,8 +82,8 @@ def child(args):
     device = common.setup(ppo_args)
     tokenizer, policy = models.load_policy(ppo_args, device)
     ref_model = models.load_reference(ppo_args, device)
-    reward_model, value_model = (rm.load_reward_model(ppo_args.reward_model, device, "float32", trained=trained)
-                                 for trained in (False, True))
+    reward_model, value_model = (reward_models.load_reward_model(ppo_args.reward_model, device, "float32",
+                                                                 trained=trained) for trained in (False, True))
     assert models.is_sharded(policy) and models.is_sharded(reward_model)
     common.set_sampling(policy, ppo_args, tokenizer)
     rows = formats.read_jsonl(os.path.join(BENCH_DIR, "pairs.jsonl"), ["prompt"])[16 * common.rank():16 * (common.rank() + 1)]

@@ -529,12 +529,12 @@ def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
     from test_reliability import rows, same_weights, sigterm_during_step
     from transformers import AutoModel
 
-    import rm
+    import reward_models
 
     reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
     torch.manual_seed(0)
-    rm.save_reward_model(rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
-                         models.load_tokenizer(tiny_model), reward_model)
+    reward_models.save_reward_model(reward_models.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
+                                    models.load_tokenizer(tiny_model), reward_model)
     data = tmp_path / "prompts.jsonl"
     with open(os.path.join(DATA_DIR, "prompts.jsonl")) as f:
         data.write_text("".join(f.readlines()[:32]))

@@ -19,6 +19,7 @@ import formats
 import logprobs
 import lora
 import models
+import reward_models
 import rm
 import sft
 from conftest import ROOT, read_metrics
@@ -201,7 +202,7 @@ def test_rm_with_a_lora_backbone_trains_and_loads_back(sft_model, tmp_path):
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert {"adapter_model.safetensors", "value_head.safetensors"} <= set(os.listdir(out))
-    model = rm.load_reward_model(out, CPU)  # the base + adapter merged, the trained head
+    model = reward_models.load_reward_model(out, CPU)  # the base + adapter merged, the trained head
     assert model.value_head.weight.abs().sum() > 0
 
 
@@ -245,7 +246,7 @@ def test_lora_ppo_starts_at_the_reference(tiny_model, tmp_path):
 
     reward_model = str(tmp_path / "rm")  # an untrained head: a reward model that is only a function of the text
     torch.manual_seed(0)
-    rm.save_reward_model(rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
+    reward_models.save_reward_model(reward_models.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)),
                          models.load_tokenizer(tiny_model), reward_model)
     out = str(tmp_path / "ppo")
     ppo.main(["--model", tiny_model, "--reward_model", reward_model, "--data", toy_rows(tmp_path, "prompts.jsonl", 16),
@@ -262,7 +263,7 @@ def test_lora_ppo_starts_at_the_reference(tiny_model, tmp_path):
     value = os.path.join(out, "value_model")
     assert os.path.isfile(os.path.join(value, "adapter_config.json"))
     assert all(".lora_" in k for k in load_file(os.path.join(value, "adapter_model.safetensors")))
-    head, start = (load_file(os.path.join(d, rm.HEAD_FILE))["weight"] for d in (value, reward_model))
+    head, start = (load_file(os.path.join(d, reward_models.HEAD_FILE))["weight"] for d in (value, reward_model))
     assert not torch.equal(head, start)
 
 

@@ -14,7 +14,7 @@ import kto
 import logprobs
 import models
 import ppo
-import rm
+import reward_models
 from conftest import read_metrics
 
 VOCAB = 300
@@ -162,7 +162,7 @@ def test_reference_forwards_packed_equal_padded(layout, device):
 
 def reward_model(device, seed=2):
     torch.manual_seed(seed)
-    model = rm.RewardModel(LlamaModel(tiny_config()))
+    model = reward_models.RewardModel(LlamaModel(tiny_config()))
     torch.nn.init.normal_(model.value_head.weight)
     return model.to(device)
 

@@ -12,6 +12,7 @@ import formats
 import logprobs
 import models
 import ppo
+import reward_models
 import rm
 from conftest import read_metrics
 
@@ -144,7 +145,7 @@ def test_sampled_tokens_are_scored_with_the_sampling_distribution(tiny_model):
     policy.generation_config.top_k = 50  # hub-style defaults that must not leak into PPO's sampling
     policy.generation_config.repetition_penalty = 1.5
     common.set_sampling(policy, args, tokenizer)
-    value_model = rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel))
+    value_model = reward_models.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     prompts = formats.tokenize(rows, tokenizer, 64, ())
 
@@ -181,7 +182,7 @@ def test_bf16_update_starts_where_the_rollout_scored(tiny_model):
     tokenizer, policy = models.load_policy(args, CPU)
     assert policy.dtype == torch.float32 and models.is_sharded(policy)
     common.set_sampling(policy, args, tokenizer)
-    value_model = rm.RewardModel(models.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
+    value_model = reward_models.RewardModel(models.load_model(tiny_model, CPU, "bfloat16", auto_class=AutoModel))
     rows = [{"prompt": p} for p in ["tell me about animals :", "tell me about fruits and tools :"] * 3]
     torch.manual_seed(0)
     policy.train()
@@ -212,7 +213,7 @@ def test_ppo_raises_the_reward_model_score(sft_model, reward_model, tmp_path):
     assert all(math.isfinite(v) for m in train for v in m.values())
     assert train[-1]["objective/scores"] > train[0]["objective/scores"] + 0.5, [m["objective/scores"] for m in train]
     assert train[-1]["objective/kl"] > 0  # the policy moved away from the reference
-    value_model = rm.load_reward_model(os.path.join(out, "value_model"), CPU)
+    value_model = reward_models.load_reward_model(os.path.join(out, "value_model"), CPU)
     assert value_model.value_head.weight.shape == (1, value_model.backbone.config.hidden_size)
 
 
@@ -233,4 +234,4 @@ def test_ppo_under_torchrun_does_not_deadlock(sft_model, reward_model, tmp_path)
 
     before, after = (load_file(os.path.join(d, "model.safetensors")) for d in (sft_model, out))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    assert rm.load_reward_model(os.path.join(out, "value_model"), CPU).value_head.weight.abs().sum() > 0
+    assert reward_models.load_reward_model(os.path.join(out, "value_model"), CPU).value_head.weight.abs().sum() > 0

@@ -23,6 +23,7 @@ import checkpoint
 import common
 import dpo
 import ppo
+import reward_models
 import rm
 import sft
 from conftest import ROOT
@@ -411,12 +412,14 @@ def test_rm_exact_resume_after_preemption(rm_flags, rm_straight, tmp_path, monke
     assert stopped.value.code == 0
     assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
     monkeypatch.undo()
-    checkpoint = rm.load_reward_model(os.path.join(out, "checkpoint-2"), torch.device("cpu"))  # rm's own layout
-    saved_head = load_file(os.path.join(out, "checkpoint-2", rm.HEAD_FILE))["weight"]
+    # rm's own layout
+    checkpoint = reward_models.load_reward_model(os.path.join(out, "checkpoint-2"), torch.device("cpu"))
+    saved_head = load_file(os.path.join(out, "checkpoint-2", reward_models.HEAD_FILE))["weight"]
     assert torch.equal(checkpoint.value_head.weight, saved_head)
 
     rm.main(rm_flags + ["--output_dir", out, "--resume"])
-    assert same_files(rm_straight, out, ["model.safetensors", rm.HEAD_FILE])  # backbone and head, bit for bit
+    # backbone and head, bit for bit
+    assert same_files(rm_straight, out, ["model.safetensors", reward_models.HEAD_FILE])
     assert rows(out) == rows(rm_straight)
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows(out) if "eval/accuracy" in r] == [0, 4]  # no second step-0 eval
@@ -442,7 +445,7 @@ def test_ppo_exact_resume_after_preemption(ppo_flags, tmp_path, monkeypatch):
 
     ppo.main(ppo_flags + ["--output_dir", out, "--resume"])
     assert same_weights(straight, out)  # the policy, bit for bit
-    value = os.path.join("value_model", "model.safetensors"), os.path.join("value_model", rm.HEAD_FILE)
+    value = os.path.join("value_model", "model.safetensors"), os.path.join("value_model", reward_models.HEAD_FILE)
     assert same_files(straight, out, value)  # the value model was restored too, not restarted from the RM
     assert rows(out) == rows(straight)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]

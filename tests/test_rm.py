@@ -11,6 +11,7 @@ import common
 import formats
 import logprobs
 import models
+import reward_models
 import rm
 
 CPU = torch.device("cpu")
@@ -48,7 +49,7 @@ def tiny_rm(tiny_model):
 
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(tiny_model)
-    return tokenizer, rm.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)).eval()
+    return tokenizer, reward_models.RewardModel(models.load_model(tiny_model, CPU, auto_class=AutoModel)).eval()
 
 
 def test_reward_is_read_at_the_last_real_token(tiny_rm):
@@ -72,27 +73,28 @@ def test_saved_reward_model_scores_exactly_as_before(tiny_rm, tmp_path):
     examples = formats.tokenize([{"prompt": "tell me about animals :", "chosen": "cat dog", "rejected": "red"}] * 2,
                                tokenizer, 64, ("chosen", "rejected"))
     batch = batching.collate_pairs(examples, tokenizer.pad_token_id, CPU)
-    rm.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
+    reward_models.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
     assert sorted(f for f in os.listdir(tmp_path / "rm") if f.endswith(".safetensors")) == [
-        "model.safetensors", rm.HEAD_FILE]
-    loaded = rm.load_reward_model(str(tmp_path / "rm"), CPU).eval()
+        "model.safetensors", reward_models.HEAD_FILE]
+    loaded = reward_models.load_reward_model(str(tmp_path / "rm"), CPU).eval()
     with torch.no_grad():
         assert torch.equal(logprobs.last_token_outputs(loaded, batch), logprobs.last_token_outputs(model, batch))
 
 
 def test_a_frozen_reward_model_takes_the_attention_implementation_asked_for(tiny_rm, tmp_path):
     tokenizer, model = tiny_rm
-    rm.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
-    frozen = rm.load_frozen(str(tmp_path / "rm"), tokenizer, "policy", CPU, "float32", False, False, None, "eager")
+    reward_models.save_reward_model(model, tokenizer, str(tmp_path / "rm"))
+    frozen = reward_models.load_frozen(str(tmp_path / "rm"), tokenizer, "policy", CPU, "float32", False, False, None,
+                                       "eager")
     assert frozen.backbone.config._attn_implementation == "eager"
-    assert rm.load_reward_model(str(tmp_path / "rm"), CPU).backbone.config._attn_implementation != "eager"
+    assert reward_models.load_reward_model(str(tmp_path / "rm"), CPU).backbone.config._attn_implementation != "eager"
     with pytest.raises(common.UserError, match="--attn_implementation no_such_kernel"):
-        rm.load_reward_model(str(tmp_path / "rm"), CPU, attn_implementation="no_such_kernel")
+        reward_models.load_reward_model(str(tmp_path / "rm"), CPU, attn_implementation="no_such_kernel")
 
 
 def test_missing_head_is_a_user_error(tiny_model):
     with pytest.raises(common.UserError, match="value_head.safetensors"):
-        rm.load_reward_model(tiny_model, CPU)
+        reward_models.load_reward_model(tiny_model, CPU)
 
 
 def test_rm_learns_held_out_preferences(sft_model, tmp_path):
@@ -102,4 +104,4 @@ def test_rm_learns_held_out_preferences(sft_model, tmp_path):
     assert [m["step"] for m in evals] == [0, 60]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
     assert after >= 0.8 and after > before + 0.1, (before, after)  # seen: 0.70 -> 0.87
-    assert os.path.isfile(os.path.join(out, rm.HEAD_FILE))
+    assert os.path.isfile(os.path.join(out, reward_models.HEAD_FILE))
