@@ -10,7 +10,8 @@ real column and its number of real tokens (pack() and Logger.count read them), a
 labels != -100 (logprobs.scored_index).
 
 This padded batch is what scripts see. The model may run on its packed (padding-free) form instead:
-pack() puts each sequence's real tokens whole into rows of at most P + C tokens, position_ids
+pack() puts each sequence's real tokens whole into rows of at most P + C tokens (or into one row, for an
+attention that splits a row by its sequences: models.packed_sdpa, flash attention), position_ids
 restarting at 0 per sequence and no attention_mask, so attention stays inside each sequence.
 token_logps, completion_logits and position_outputs map results back to the padded columns;
 packs() decides per model (--padding_free, else packing_check once).
@@ -67,7 +68,7 @@ def collate_prompts(examples, pad_id, device):
     return collate([e["prompt"] for e in examples], [[] for _ in examples], pad_id, device)
 
 
-def pack(batch, one_row=False, min_saving=0.0):
+def pack(batch, one_row=None, min_saving=0.0):
     """The packed layout of a collated batch, for a forward with no attention_mask; None where it would save less
     than `min_saving` of the padded batch's positions (logprobs.MIN_PACK_SAVING: a batch with little padding
     runs faster padded).
@@ -77,9 +78,11 @@ def pack(batch, one_row=False, min_saving=0.0):
     so no activation and no (T x T) attention mask is larger than the padded batch's. position_ids
     restart at 0 at each sequence, which transformers reads as a sequence boundary (masking_utils.
     find_packed_sequence_indices); the filler ending a short row counts from 0 too and is never scored.
-    `one_row` (flash attention: no (T x T) mask, and transformers' flash path keeps sequences apart only
-    in a single row) puts every sequence in one row and adds `flash`, the varlen kernel's arguments
-    cu_seq_lens_q/k (the sequences' boundaries) and max_length_q/k, built here so that no layer derives them.
+    `one_row`, for an attention that splits a row at its sequences' boundaries and needs no (T x T) mask, puts
+    every sequence in one row (no filler) and adds `varlen`, the boundaries for the forward: for "flash"
+    (transformers' flash path keeps sequences apart only in a single row) the varlen kernel's cu_seq_lens_q/k
+    and max_length_q/k on the device, built here so that no layer derives them; for "packed_sdpa"
+    (models.packed_sdpa) cu_seq_lens_q on the host, which it reads without waiting for the device.
     Returns input_ids and position_ids (R, T), and index (B, W): where each padded position's token
     sits in the flattened rows, -1 on padding. The layout is built on the host from the batch's spans,
     then copied over at once (no device sync).
@@ -112,16 +115,18 @@ def pack(batch, one_row=False, min_saving=0.0):
     index = torch.full((B * W,), -1, dtype=torch.long)
     index[source[filled]] = torch.arange(source.numel())[filled.flatten()]
     host = dict(source=source, filled=filled, position_ids=position_ids, index=index.view(B, W))
-    if one_row:
-        host["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(lengths[b] for b in rows[0])], dtype=torch.int32)
     device = batch["input_ids"].device
     moved = {k: to_device(v, device) for k, v in host.items()}
     input_ids = batch["input_ids"].flatten()[moved["source"]].masked_fill(~moved["filled"], 0)  # filler: id 0
     packed = dict(input_ids=input_ids, position_ids=moved["position_ids"], index=moved["index"])
     if one_row:
-        longest = max(lengths)
-        packed["flash"] = dict(cu_seq_lens_q=moved["cu_seq_lens"], cu_seq_lens_k=moved["cu_seq_lens"],
-                               max_length_q=longest, max_length_k=longest)
+        bounds = torch.tensor([0, *itertools.accumulate(lengths[b] for b in rows[0])], dtype=torch.int32)
+        if one_row == "packed_sdpa":
+            packed["varlen"] = dict(cu_seq_lens_q=bounds)
+        else:
+            there = to_device(bounds, device)
+            packed["varlen"] = dict(cu_seq_lens_q=there, cu_seq_lens_k=there,
+                                    max_length_q=max(lengths), max_length_k=max(lengths))
     return packed
 
 

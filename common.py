@@ -113,7 +113,8 @@ def base_parser(doc, data, model, lr=1e-3, max_steps=1000, batch_size=16, output
                    help="save the model with the adapter merged in (a full model) instead of the adapter alone")
     p.add_argument("--attn_implementation", default=None,
                    help="the attention kernel, as transformers names it: sdpa, eager, flex_attention, "
-                        "flash_attention_2 (packs each batch into one row), ... (default: transformers' choice)")
+                        "flash_attention_2 (packs each batch into one row), ... (default: transformers' choice, "
+                        "with sdpa as packed_sdpa: one row, attention sequence by sequence)")
     p.set_defaults(default_eval_data=eval_file and os.path.join(os.path.dirname(data), eval_file), toy_model=model,
                    toy_data_dir=os.path.dirname(data))
     return p

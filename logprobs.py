@@ -97,11 +97,11 @@ def completion_logits(model, batch, where, score=None):
     tokens at `where` (scored_index), packed or padded (see pack). Returns the logits there (N, V), after any
     change the model makes to its head's output, or, with `score`, score(hidden) in the head's place."""
     C = batch["labels"].shape[1]
-    packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
+    packed = packs(model) and pack(batch, one_row=one_row(model), min_saving=MIN_PACK_SAVING)
     if packed:
         P = batch["input_ids"].shape[1] - C
         before = packed["index"][:, P - 1:P - 1 + C][where]  # the token before each completion token
-        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("flash", {}))
+        inputs = dict(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **packed.get("varlen", {}))
 
         def select(hidden):
             return hidden.flatten(0, 1)[before]
@@ -249,8 +249,7 @@ class HeadLogps(torch.autograd.Function):
         """The chunk's hidden gradient; adds its weight and bias gradients (float32) in place."""
         if probs is None:
             probs = HeadLogps.chunk_logits(h, weight, bias, temperature, buffer).sub_(lse[:, None]).exp_()
-        # in place, the kept softmax too (freed after the backward): no fresh logits-sized buffer, whose page
-        # faults cost a CPU step more than the multiply
+        # in place (the kept softmax too): a fresh logits-sized buffer's page faults cost more than the multiply
         grad_logits = probs.mul_(-g[:, None]).scatter_add_(1, y[:, None], g[:, None])
         if temperature != 1.0:
             grad_logits.div_(temperature)
@@ -269,12 +268,12 @@ def sequence_logps(model, batch, temperature=1.0):
     return token_logps(model, batch, temperature).sum(-1), (batch["labels"] != -100).sum(-1)
 
 
-def forward_outputs(model, input_ids, attention_mask, position_ids, flash=None):
-    """A causal LM's logits, or what another model (reward_models.RewardModel) returns, per position. `flash`: pack's
-    varlen arguments, for a transformers model (another model's flash attention finds them from position_ids)."""
+def forward_outputs(model, input_ids, attention_mask, position_ids, varlen=None):
+    """A causal LM's logits, or what another model (reward_models.RewardModel) returns, per position. `varlen`:
+    pack's sequence boundaries for a one-row packed forward."""
     from transformers import PreTrainedModel
 
-    extra = {"use_cache": False, **(flash or {})} if isinstance(model, PreTrainedModel) else {}  # a cache: no packing
+    extra = ({"use_cache": False} if isinstance(model, PreTrainedModel) else {}) | (varlen or {})  # a cache: no packing
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra)
     return getattr(out, "logits", out)
 
@@ -290,20 +289,23 @@ def last_token_outputs(model, batch):
 
 def position_outputs(model, batch):
     """forward_outputs in the padded layout (B, W, ...), from a packed forward when the model packs."""
-    packed = packs(model) and pack(batch, one_row=flash_attention(model), min_saving=MIN_PACK_SAVING)
+    packed = packs(model) and pack(batch, one_row=one_row(model), min_saving=MIN_PACK_SAVING)
     if not packed:
         return forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    outputs = forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed.get("flash"))
+    outputs = forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed.get("varlen"))
     return unpack(outputs, packed["index"])
 
 
-def flash_attention(model):
-    """Whether the model's (or its backbone's) attention is a flash-attention kernel: pack then uses one row."""
+def one_row(model):
+    """"flash" where the model's (or its backbone's) attention is a flash-attention kernel, "packed_sdpa" where it
+    is models.packed_sdpa: both keep packed sequences apart in one row. Else None: rows with (T x T) masks."""
     from transformers import PreTrainedModel
     from transformers.utils.generic import is_flash_attention_requested
 
     config = next((m.config for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    return config is not None and is_flash_attention_requested(config)
+    if config is not None and is_flash_attention_requested(config):
+        return "flash"
+    return "packed_sdpa" if config is not None and config._attn_implementation == "packed_sdpa" else None
 
 
 def packs(model):
@@ -330,9 +332,9 @@ def packing_check(model):
         model.eval()  # no dropout: both forwards must be deterministic
         try:
             padded = forward_outputs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            layout = pack(batch, one_row=flash_attention(model))
+            layout = pack(batch, one_row=one_row(model))
             packed = unpack(forward_outputs(model, layout["input_ids"], None, layout["position_ids"],
-                                            layout.get("flash")), layout["index"])
+                                            layout.get("varlen")), layout["index"])
         finally:
             model.train(training)
         real = batch["attention_mask"].bool()

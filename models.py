@@ -72,12 +72,60 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
     else:
         model = load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle)
     model.padding_free = padding_free
+    register_packed_sdpa()
+    if attn_implementation is None and model.config._attn_implementation == "sdpa":
+        attn_implementation = PACKED_SDPA  # the same attention, cheaper on packed rows
     if attn_implementation is not None:
         try:
             model.set_attn_implementation(attn_implementation)
         except (ImportError, ValueError) as e:
             raise UserError(f"--attn_implementation {attn_implementation}: {str(e).splitlines()[0]}") from e
     return disable_dropout(model)
+
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, sliding_window=None, **kwargs):
+    """transformers' sdpa, except on rows without a mask or a cache (packed rows: batching.pack's one row, its
+    sequences' boundaries `cu_seq_lens_q` on the host): there it runs causal attention one sequence at a time,
+    so a packed row builds no (T x T) block mask and a sequence of L tokens costs L^2 / 2, as padded. A
+    sliding window masks only the sequences longer than it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T, causal = query.shape[2], kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if attention_mask is not None or key.shape[2] != T or not causal:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
+                                      **kwargs)
+    bounds = [0, T] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    outputs = []
+    for start, end in zip(bounds, bounds[1:]):
+        mask = None
+        if sliding_window is not None and end - start > sliding_window:
+            position = torch.arange(end - start, device=query.device)
+            back = position[:, None] - position  # how far back each query looks
+            mask = ((back >= 0) & (back < sliding_window))[None, None]
+        outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                              value[:, :, start:end], mask, **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+def packed_sdpa_mask(attention_mask=None, q_length=None, kv_length=None, q_offset=0, **kwargs):
+    """packed_sdpa's masks: none where it splits the rows itself (no padding mask, no cache), else sdpa's."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and q_offset == 0:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     **kwargs)
+
+
+def register_packed_sdpa():
+    """Make PACKED_SDPA an attention implementation transformers knows (idempotent)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
 
 
 def pretrained(path, auto_class, dtype, trust_remote_code, allow_pickle):

@@ -26,10 +26,11 @@ class RewardModel(torch.nn.Module):
                                           device=backbone.device, dtype=dtype or backbone.dtype)
         self._no_split_modules = backbone._no_split_modules  # models.shard_model shards these layers
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        """(B, T) float32 values: the head applied to the hidden state at every position."""
+    def forward(self, input_ids, attention_mask, position_ids, **varlen):
+        """(B, T) float32 values: the head applied to the hidden state at every position. `varlen`: a packed
+        row's sequence boundaries (batching.pack)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+                               use_cache=False, **varlen).last_hidden_state
         hidden = hidden.to(self.value_head.weight.dtype)  # a float32 head on a LoRA backbone computing in bf16
         return self.value_head(hidden).squeeze(-1).float().clone()  # not a view: FSDP2 hooks want a fresh tensor
 

@@ -3,7 +3,7 @@ log-probs, and the summary table.
 
     python bench/gpu_check.py build DIR [--tiny]       # DIR/model, DIR/rm, DIR/data (once)
     python bench/gpu_check.py run SCRIPT DIR -- ARGS   # SCRIPT.main(ARGS) in this process, measured
-    python bench/gpu_check.py logps DIR [--tiny]       # packed vs padded token_logps, sdpa (and flash-attn)
+    python bench/gpu_check.py logps DIR [--tiny]       # packed vs padded token_logps, (packed_)sdpa, flash-attn
     python bench/gpu_check.py summary DIR              # the table of DIR/stages.tsv and DIR/results
 
 The model has Qwen2.5-0.5B's shape (Qwen2ForCausalLM, 494M parameters, tied embeddings, rope theta 1e6,
@@ -219,8 +219,10 @@ def packed_vs_padded(model_dir, attn_implementation, dtype, device, tiny):
 
     import batching
     import logprobs
+    import models
 
     disable_progress_bar()  # from_pretrained's loading bar
+    models.register_packed_sdpa()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     model.to(device).eval()
     g = torch.Generator().manual_seed(0)
@@ -242,11 +244,12 @@ def packed_vs_padded(model_dir, attn_implementation, dtype, device, tiny):
 
 
 def logps(directory, tiny):
-    """packed_vs_padded under sdpa (float32 and bf16) and flash_attention_2 (bf16) if flash_attn is installed."""
+    """packed_vs_padded under packed_sdpa (the scripts' default for this model) and sdpa (float32 and bf16), and
+    flash_attention_2 (bf16) if flash_attn is installed."""
     import importlib.util
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cases = [("sdpa", torch.float32), ("sdpa", torch.bfloat16)]
+    cases = [(name, dtype) for name in ("packed_sdpa", "sdpa") for dtype in (torch.float32, torch.bfloat16)]
     if importlib.util.find_spec("flash_attn") is not None:
         cases.append(("flash_attention_2", torch.bfloat16))
     else:

@@ -53,6 +53,7 @@ import common  # noqa: E402
 import batching
 import formats
 import logprobs
+import models
 from bench import workload  # noqa: E402
 
 BENCH_DIR = os.path.join(ROOT, "out", "bench")
@@ -192,7 +193,8 @@ def run_ours(algo, impl, steps, warmup, directory):
     def counted(logger, batch):  # the trained rows of the step (one micro-batch)
         tokens.append(int(batch["attention_mask"].sum()))
         positions["padded_positions"].append(batch["attention_mask"].numel())
-        layout = batching.pack(batch, min_saving=logprobs.MIN_PACK_SAVING)  # None: the batch runs padded
+        layout = batching.pack(batch, one_row=models.PACKED_SDPA,  # this Llama's attention in the scripts
+                               min_saving=logprobs.MIN_PACK_SAVING)
         positions["packed_positions"].append((layout or batch)["input_ids"].numel())
         count(logger, batch)
 
@@ -368,6 +370,8 @@ def main():
     p.add_argument("--report", action="store_true", help="print the tables of the last run's results.json again")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.profile:
+        workload.build(BENCH_DIR)
     if args.child or args.profile:
         torch.set_num_threads(args.threads)
         StepClock.PROFILE = bool(args.profile)

@@ -1,6 +1,7 @@
 """Padding-free batches: batching.pack's layout by hand, packed == padded for every script's forwards
 (lengths 1 to 60), the start-up check and its fallback, and two runs that differ only in the layout.
 On the `device` fixture (TEST_DEVICE, default cpu); the runs go where the scripts put them (CUDA if any), in float32."""
+import itertools
 import json
 
 import pytest
@@ -18,6 +19,7 @@ import reward_models
 from conftest import read_metrics
 
 VOCAB = 300
+CPU = torch.device("cpu")
 
 
 def tiny_config():
@@ -25,9 +27,20 @@ def tiny_config():
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
-def tiny_llama(device, seed=0):
+# transformers' sdpa packs into rows with (T x T) block masks; models.packed_sdpa (what load_model gives for
+# sdpa) into one row, attention run sequence by sequence
+ATTENTION = ["sdpa", models.PACKED_SDPA]
+
+
+def with_attention(model, attention):
+    models.register_packed_sdpa()
+    model.set_attn_implementation(attention)
+    return model
+
+
+def tiny_llama(device, seed=0, attention="sdpa"):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config()).to(device)
+    return with_attention(LlamaForCausalLM(tiny_config()).to(device), attention)
 
 
 def tokens(n, offset):
@@ -133,19 +146,21 @@ def assert_same(padded, packed):
         assert (b_grads[name] - a_grads[name]).abs().max() <= 1e-5 * max(1.0, a_grads[name].abs().max()), name
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature, device):
+def test_sft_and_pairwise_token_logps_packed_equal_padded(layout, temperature, attention, device):
     """sft (collate_single), dpo, ld_dpo, simpo, orpo (collate_pairs): training forwards with gradients."""
-    model = tiny_llama(device)
+    model = tiny_llama(device, attention=attention)
     for batch in (batching.collate_single(SINGLE, 0, device), batching.collate_pairs(PAIRS, 0, device)):
         padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch, temperature))
         assert (padded[0][batch["labels"] != -100] < 0).all()
         assert_same(padded, packed)
 
 
-def test_reference_forwards_packed_equal_padded(layout, device):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_reference_forwards_packed_equal_padded(layout, attention, device):
     """dpo/ld_dpo's reference and precompute_ref (no grad), kto's matched and mismatched halves."""
-    reference = models.frozen(tiny_llama(device, 1))
+    reference = models.frozen(tiny_llama(device, 1, attention))
     pairs = batching.collate_pairs(PAIRS, 0, device)
     with torch.no_grad():
         padded, packed = layout(logprobs.token_logps, reference, pairs)
@@ -154,36 +169,95 @@ def test_reference_forwards_packed_equal_padded(layout, device):
         for rows in (batch, kto.rows_slice(batch, len(SINGLE), None)):
             padded, packed = layout(lambda b: logprobs.sequence_logps(reference, b)[0], rows)
             torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-5)  # sequence sums, as in assert_same
-    model = tiny_llama(device)  # and kto's trained forward, on the matched half
+    model = tiny_llama(device, attention=attention)  # and kto's trained forward, on the matched half
     padded, packed = layout(values_and_grads, model, lambda: logprobs.sequence_logps(
         model, kto.rows_slice(batch, 0, len(SINGLE)))[0])
     assert_same(padded, packed)
 
 
-def reward_model(device, seed=2):
+def reward_model(device, seed=2, attention="sdpa"):
     torch.manual_seed(seed)
-    model = reward_models.RewardModel(LlamaModel(tiny_config()))
+    model = reward_models.RewardModel(with_attention(LlamaModel(tiny_config()), attention))
     torch.nn.init.normal_(model.value_head.weight)
     return model.to(device)
 
 
-def test_reward_and_value_forwards_packed_equal_padded(layout, device):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_reward_and_value_forwards_packed_equal_padded(layout, attention, device):
     """rm.py's last-token rewards (trained) and ppo's per-token values (trained) and scores."""
-    model, batch = reward_model(device), batching.collate_pairs(PAIRS, 0, device)
+    model, batch = reward_model(device, attention=attention), batching.collate_pairs(PAIRS, 0, device)
     assert_same(*layout(values_and_grads, model, lambda: logprobs.last_token_outputs(model, batch)))
     mask = batch["labels"] != -100  # values on padding are never read (ppo masks them)
     assert_same(*layout(values_and_grads, model, lambda: ppo.token_values(model, batch) * mask))
 
 
-def test_ppo_policy_forwards_packed_equal_padded(layout, device):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_ppo_policy_forwards_packed_equal_padded(layout, attention, device):
     """ppo.py: the trained policy's log-probs and entropies, the rollout's old and reference log-probs."""
-    policy, batch = tiny_llama(device), batching.collate_single(SINGLE, 0, device)
+    policy, batch = tiny_llama(device, attention=attention), batching.collate_single(SINGLE, 0, device)
     padded, packed = layout(values_and_grads, policy, lambda: logprobs.logps_and_entropy(policy, batch, 0.7)[0])
     assert_same(padded, packed)
     with torch.no_grad():
         padded, packed = layout(logprobs.logps_and_entropy, policy, batch, 0.7)
         torch.testing.assert_close(packed[1], padded[1], rtol=0, atol=1e-5)  # entropies
         torch.testing.assert_close(packed[0], logprobs.token_logps(policy, batch, 0.7), rtol=0, atol=1e-5)
+
+
+def test_packed_sdpa_attends_sequence_by_sequence_in_one_row(device, monkeypatch):
+    """One row, its boundaries on the host, and one maskless causal attention per sequence and layer: no (T x T)
+    mask, so a sequence of L tokens costs L^2 / 2 wherever it sits."""
+    model = tiny_llama(device, attention=models.PACKED_SDPA)
+    assert logprobs.one_row(model) == "packed_sdpa"
+    batch = batching.collate_pairs(PAIRS, 0, device)
+    packed = batching.pack(batch, one_row="packed_sdpa")
+    lengths = sorted(batch["spans"][:, 1].tolist(), reverse=True)  # first fit by decreasing length
+    bounds = packed["varlen"]["cu_seq_lens_q"]
+    assert packed["input_ids"].shape == (1, sum(lengths)) and bounds.device.type == "cpu"
+    assert bounds.tolist() == [0, *itertools.accumulate(lengths)]
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((query.shape[2], attn_mask, is_causal))
+        return sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        logprobs.forward_outputs(model, packed["input_ids"], None, packed["position_ids"], packed["varlen"])
+    assert calls == [(n, None, True) for n in lengths] * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("window", [3, 100])
+def test_packed_sdpa_keeps_a_sliding_window(window, layout, device):
+    """A Mistral-style sliding window of 3 tokens (shorter than most sequences, so it masks) or 100 (longer than
+    all): packed log-probs and gradients equal transformers' sdpa on the padded batch and its sliding mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    model = with_attention(MistralForCausalLM(config).to(device), models.PACKED_SDPA)
+    batch = batching.collate_pairs(PAIRS, 0, device)
+    padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch))
+    assert_same(padded, packed)
+    model.config.sliding_window = 100 if window == 3 else 3  # the other window gives other log-probs
+    other = logprobs.token_logps(model, batch).detach()
+    assert (other - padded[0]).abs().max() > 1e-3
+
+
+def test_generation_under_packed_sdpa_equals_sdpa(device):
+    """Left-padded prompts and a cache: packed_sdpa is transformers' sdpa, token for token."""
+    batch = batching.collate_prompts([dict(prompt=e["prompt"]) for e in PAIRS], 0, device)
+    outputs = []
+    for attention in ATTENTION:
+        model = tiny_llama(device, attention=attention)
+        outputs.append(model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      max_new_tokens=12, do_sample=False, pad_token_id=0))
+    assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] == batch["input_ids"].shape[1] + 12
+
+
+def test_load_model_gives_packed_sdpa_for_sdpa(tiny_model):
+    assert models.load_model(tiny_model, CPU).config._attn_implementation == models.PACKED_SDPA
+    assert models.load_model(tiny_model, CPU, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    assert models.load_model(tiny_model, CPU, attn_implementation="eager").config._attn_implementation == "eager"
 
 
 class IgnoresPositions(LlamaForCausalLM):
@@ -278,13 +352,13 @@ def flash_attention(monkeypatch):
 def test_packed_equals_padded_under_flash_attention(flash_attention, layout, device):
     """One packed row and the varlen kernel's boundaries: packed sequences never see each other."""
     model = flash_attention(device)
-    assert logprobs.flash_attention(model) and not logprobs.flash_attention(tiny_llama(device))
+    assert logprobs.one_row(model) == "flash" and logprobs.one_row(tiny_llama(device)) is None
     batch = batching.collate_pairs(PAIRS, 0, device)
-    packed = batching.pack(batch, one_row=True)
+    packed = batching.pack(batch, one_row="flash")
     lengths = batch["attention_mask"].sum(-1)
     assert packed["input_ids"].shape == (1, int(lengths.sum()))
-    assert packed["flash"]["cu_seq_lens_q"].tolist() == [0, *lengths.sort(descending=True).values.cumsum(0).tolist()]
-    assert packed["flash"]["max_length_q"] == int(lengths.max())
+    assert packed["varlen"]["cu_seq_lens_q"].tolist() == [0, *lengths.sort(descending=True).values.cumsum(0).tolist()]
+    assert packed["varlen"]["max_length_q"] == int(lengths.max())
     padded, packed = layout(values_and_grads, model, lambda: logprobs.token_logps(model, batch, 0.7))
     assert_same(padded, packed)
     with torch.no_grad():
