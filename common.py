@@ -25,7 +25,8 @@ class UserError(Exception):
 
 
 def run(main):
-    """Entry point of every script: turn a UserError into one clear line and exit code 2."""
+    """Entry point of every script: turn a UserError into one clear line and exit code 2. A run that ends well
+    ends torch.distributed too: gloo's threads, left to the interpreter's exit, can abort a finished rank."""
     try:
         main()
     except UserError as e:
@@ -33,6 +34,8 @@ def run(main):
             raise
         tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, even under a progress bar
         sys.exit(2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- arguments

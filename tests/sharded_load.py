@@ -39,9 +39,13 @@ def check(path, auto_name, dtype, device):
             assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, path
 
 
-if __name__ == "__main__":
+def main(specs):
     device = common.setup(argparse.Namespace(dtype="float32", seed=0, dist_timeout=5, padding_free=None))
-    for spec in sys.argv[1:]:
+    for spec in specs:
         path, auto_name, dtype = spec.split(":")
         check(path, auto_name, dtype, device)
-    print(f"rank {common.rank()}: {len(sys.argv) - 1} models load as from_pretrained does")
+    print(f"rank {common.rank()}: {len(specs)} models load as from_pretrained does")
+
+
+if __name__ == "__main__":
+    common.run(lambda: main(sys.argv[1:]))  # as the scripts end

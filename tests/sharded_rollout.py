@@ -58,4 +58,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    common.run(lambda: main(sys.argv[1]))  # as the scripts end

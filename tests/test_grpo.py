@@ -556,7 +556,11 @@ def test_exact_resume_with_a_reward_model(tiny_model, tmp_path, monkeypatch):
     assert last["reward"] == pytest.approx(last["rewards/gold_reward"] + 0.5 * last["rewards/reward_model"], abs=1e-5)
 
 
-if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
+def run_under_torchrun():
     run_each_config(sys.argv[2:], sys.argv[1])
     # real sampling: ranks stop at other lengths, and gather each other's groups
     grpo.main(sys.argv[2:] + ["--dynamic_sampling", "--output_dir", f"{sys.argv[1]}/sampled"])
+
+
+if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
+    common.run(run_under_torchrun)  # as the scripts end

@@ -184,4 +184,4 @@ def test_grad_accum_and_two_ranks_match_one_process(tiny_model, tmp_path):
 
 
 if __name__ == "__main__":  # under torchrun, from test_grad_accum_and_two_ranks_match_one_process
-    run_fixed(sys.argv[1:])
+    common.run(lambda: run_fixed(sys.argv[1:]))  # as the scripts end
