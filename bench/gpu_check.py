@@ -3,7 +3,7 @@ log-probs, and the summary table.
 
     python bench/gpu_check.py build DIR [--tiny]       # DIR/model, DIR/rm, DIR/data (once)
     python bench/gpu_check.py run SCRIPT DIR -- ARGS   # SCRIPT.main(ARGS) in this process, measured
-    python bench/gpu_check.py logps DIR [--tiny]       # packed vs padded token_logps, (packed_)sdpa, flash-attn
+    python bench/gpu_check.py logps DIR [--tiny]       # packed vs padded token_logps and their speed, per attention
     python bench/gpu_check.py summary DIR              # the table of DIR/stages.tsv and DIR/results
 
 The model has Qwen2.5-0.5B's shape (Qwen2ForCausalLM, 494M parameters, tied embeddings, rope theta 1e6,
@@ -213,7 +213,8 @@ def write_result(directory, name, result):
 
 def packed_vs_padded(model_dir, attn_implementation, dtype, device, tiny):
     """|packed - padded| of token_logps over the scored tokens of one batch of spread lengths, no grad;
-    with the start-up check's verdict (logprobs.packing_check) and the largest |logp| for scale."""
+    with the start-up check's verdict (logprobs.packing_check), the largest |logp| for scale, and the time of
+    a forward + backward of a GRPO-sized batch (32 sequences of spread lengths) each way (step_seconds)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.logging import disable_progress_bar
 
@@ -239,8 +240,35 @@ def packed_vs_padded(model_dir, attn_implementation, dtype, device, tiny):
         model.padding_free = None
         check = logprobs.packing_check(model)
     gap = (out[True] - out[False]).abs()
+    many = [(random.Random(i).randint(32, 160), random.Random(-i).randint(16, 400)) for i in range(8 if tiny else 32)]
+    ids = [torch.randint(model.config.vocab_size, (p + c,), generator=g).tolist() for p, c in many]
+    timed = batching.collate([s[:p] for s, (p, _) in zip(ids, many)], [s[p:] for s, (p, _) in zip(ids, many)],
+                             0, device)
+    seconds = {layout: step_seconds(model, timed, layout == "packed") for layout in ("padded", "packed")}
     return dict(max_abs_diff=float(gap.max()), mean_abs_diff=float(gap.mean()),
-                max_abs_logp=float(out[False].abs().max()), packs=check, tokens=int(scored.sum()))
+                max_abs_logp=float(out[False].abs().max()), packs=check, tokens=int(scored.sum()),
+                padded_s=seconds["padded"], packed_s=seconds["packed"], timed_sequences=len(many))
+
+
+def step_seconds(model, batch, packed, reps=5):
+    """Median seconds of one token_logps forward + backward of `batch`, packed or padded, after one warm-up."""
+    import logprobs
+
+    model.padding_free, times = packed, []
+    for _ in range(reps + 1):
+        synchronize()
+        start = time.perf_counter()
+        logprobs.token_logps(model, batch).sum().backward()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    model.padding_free = None
+    return statistics.median(times[1:])
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def logps(directory, tiny):
@@ -282,7 +310,9 @@ def summary(directory):
     for key, r in results.get("logps", {}).items():
         lines.append(f"packed vs padded log-probs, {key}: max |diff| {r['max_abs_diff']:.3g}, "
                      f"mean {r['mean_abs_diff']:.2g} ({r['tokens']} tokens, max |logp| {r['max_abs_logp']:.3g}); "
-                     f"the start-up check packs: {'yes' if r['packs'] else 'no'}")
+                     f"the start-up check packs: {'yes' if r['packs'] else 'no'}; forward + backward of "
+                     f"{r['timed_sequences']} sequences: padded {r['padded_s']:.3f} s, packed {r['packed_s']:.3f} s "
+                     f"({r['packed_s'] / r['padded_s']:.2f}x)")
     precision = os.path.join(directory, "logs", "precision.log")
     if os.path.exists(precision):  # bench/precision.py's own report, as it printed it
         with open(precision) as f:

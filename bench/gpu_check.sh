@@ -12,7 +12,8 @@
 #   build      DIR/model (float32), DIR/rm (its reward model) and DIR/data, once: bench/gpu_check.py build
 #   sft dpo grpo ppo   a few steps each in bf16: tokens/s, peak memory, MFU (bench/gpu_check.py explains them)
 #   precision  bench/precision.py: the share of parameters one DPO step at lr 5e-7 changes, bf16 against fp32
-#   logps      packed against padded log-probs, packed_sdpa and sdpa (float32, bf16), flash-attention 2 if installed
+#   logps      packed against padded log-probs and forward + backward time, packed_sdpa and sdpa (float32,
+#              bf16), flash-attention 2 if installed
 # then the summary table. DIR: GPU_CHECK_DIR, default out/gpu_check (out/gpu_check_dry for --dry-run); the
 # model stays there for the next run. GPU_PEAK_TFLOPS: the bf16 peak MFU is taken against (default: by
 # device name, else an H200's 989). To keep the logs: cp -r DIR/logs DIR/results DIR/stages.tsv somewhere.
@@ -86,7 +87,7 @@ run grpo 75 "${rl[@]}" --batch_size $GRPO_BS --num_generations $G --beta 0.04
 run ppo 90 "${rl[@]}" --batch_size $PPO_BS --num_mini_batches $MINI --ppo_epochs $EPOCHS
 
 stage precision 120 python bench/precision.py --model "$DIR/model" --data "$DIR/data/pairs.jsonl" --lr 5e-7
-stage logps 60 python bench/gpu_check.py logps "$DIR" $TINY
+stage logps 120 python bench/gpu_check.py logps "$DIR" $TINY
 
 echo
 timeout 60 python bench/gpu_check.py summary "$DIR"
