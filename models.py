@@ -73,7 +73,8 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
         model = load_sharded(path, auto_class, device, params, compute, trust_remote_code, allow_pickle)
     model.padding_free = padding_free
     register_packed_sdpa()
-    if attn_implementation is None and model.config._attn_implementation == "sdpa":
+    chunked = getattr(model.config, "attention_chunk_size", None) is not None  # Llama 4: chunks live in its masks
+    if attn_implementation is None and model.config._attn_implementation == "sdpa" and not chunked:
         attn_implementation = PACKED_SDPA  # the same attention, cheaper on packed rows
     if attn_implementation is not None:
         try:

@@ -254,10 +254,17 @@ def test_generation_under_packed_sdpa_equals_sdpa(device):
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] == batch["input_ids"].shape[1] + 12
 
 
-def test_load_model_gives_packed_sdpa_for_sdpa(tiny_model):
+def test_load_model_gives_packed_sdpa_for_sdpa(tiny_model, tmp_path):
     assert models.load_model(tiny_model, CPU).config._attn_implementation == models.PACKED_SDPA
     assert models.load_model(tiny_model, CPU, attn_implementation="sdpa").config._attn_implementation == "sdpa"
     assert models.load_model(tiny_model, CPU, attn_implementation="eager").config._attn_implementation == "eager"
+    # Llama 4's chunked attention is in its masks, which packed_sdpa does not build: it keeps sdpa
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_chunk_size=4, num_local_experts=2,
+    )).save_pretrained(tmp_path / "llama4")
+    assert models.load_model(str(tmp_path / "llama4"), CPU).config._attn_implementation == "sdpa"
 
 
 class IgnoresPositions(LlamaForCausalLM):
