@@ -16,6 +16,7 @@ import sft  # noqa: E402
 from toy.task import TINY_MODEL_DIR, build_tiny_model  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a rank the tests launch that aborts prints where it was
 
 
 def pytest_configure(config):

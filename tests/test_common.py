@@ -222,3 +222,20 @@ def test_stop_ids_join_the_tokenizer_eos_and_the_declared_ones(tokenizer):
     assert common.stop_ids(GenerationConfig(eos_token_id=eos), tokenizer) == [eos]
     assert common.stop_ids(GenerationConfig(eos_token_id=7), tokenizer) == [eos, 7]
     assert common.stop_ids(GenerationConfig(eos_token_id=[7, eos, 9]), tokenizer) == [eos, 7, 9]
+
+
+def test_a_run_that_ends_well_ends_torch_distributed(tiny_model, tmp_path):
+    # bf16 on CPU runs as one FSDP2 rank (an in-memory process group); gloo's threads left running at exit
+    # can abort a finished rank, so common.run destroys the group once main returns
+    import torch.distributed as dist
+
+    import sft
+
+    during = []
+
+    def main():
+        sft.main(["--model", tiny_model, "--max_steps", "1", "--batch_size", "2", "--dtype", "bfloat16",
+                  "--output_dir", str(tmp_path / "run")])
+        during.append(dist.is_initialized())
+    common.run(main)
+    assert during == [True] and not dist.is_initialized()
