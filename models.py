@@ -53,7 +53,8 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
                trained=False, padding_free=None, attn_implementation=None):
     """A model ready to run, safetensors unless allow_pickle; `auto_class` replaces AutoModelForCausalLM.
     `padding_free` (True, False, or None: a start-up check decides) picks its forwards' layout (logprobs.packs);
-    `attn_implementation` (None: transformers' choice) its attention (sdpa, flash_attention_2, eager, ...).
+    `attn_implementation` (None: transformers' choice, with sdpa as packed_sdpa) its attention (sdpa,
+    flash_attention_2, eager, ...).
 
     A `trained` model keeps float32 parameters (the master weights the optimizer updates) and computes in the
     compute dtype `dtype`; a frozen one is held in the compute dtype. Where FSDP2 is needed (under torchrun, or
