@@ -82,7 +82,8 @@ def pack(batch, one_row=None, min_saving=0.0):
     every sequence in one row (no filler) and adds `varlen`, the boundaries for the forward: for "flash"
     (transformers' flash path keeps sequences apart only in a single row) the varlen kernel's cu_seq_lens_q/k
     and max_length_q/k on the device, built here so that no layer derives them; for "packed_sdpa"
-    (models.packed_sdpa) cu_seq_lens_q on the host, which it reads without waiting for the device.
+    (models.packed_sdpa) sequence_bounds, a tuple of ints: no wrapper moves it to the device (FSDP2 moves
+    tensors), so no layer waits for the device to read it.
     Returns input_ids and position_ids (R, T), and index (B, W): where each padded position's token
     sits in the flattened rows, -1 on padding. The layout is built on the host from the batch's spans,
     then copied over at once (no device sync).
@@ -120,11 +121,11 @@ def pack(batch, one_row=None, min_saving=0.0):
     input_ids = batch["input_ids"].flatten()[moved["source"]].masked_fill(~moved["filled"], 0)  # filler: id 0
     packed = dict(input_ids=input_ids, position_ids=moved["position_ids"], index=moved["index"])
     if one_row:
-        bounds = torch.tensor([0, *itertools.accumulate(lengths[b] for b in rows[0])], dtype=torch.int32)
+        bounds = (0, *itertools.accumulate(lengths[b] for b in rows[0]))
         if one_row == "packed_sdpa":
-            packed["varlen"] = dict(cu_seq_lens_q=bounds)
+            packed["varlen"] = dict(sequence_bounds=bounds)
         else:
-            there = to_device(bounds, device)
+            there = to_device(torch.tensor(bounds, dtype=torch.int32), device)
             packed["varlen"] = dict(cu_seq_lens_q=there, cu_seq_lens_k=there,
                                     max_length_q=max(lengths), max_length_k=max(lengths))
     return packed

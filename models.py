@@ -88,9 +88,9 @@ def load_model(path, device, dtype="auto", trust_remote_code=False, auto_class=N
 PACKED_SDPA = "packed_sdpa"
 
 
-def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, sliding_window=None, **kwargs):
+def packed_sdpa(module, query, key, value, attention_mask, sequence_bounds=None, sliding_window=None, **kwargs):
     """transformers' sdpa, except on rows without a mask or a cache (packed rows: batching.pack's one row, its
-    sequences' boundaries `cu_seq_lens_q` on the host): there it runs causal attention one sequence at a time,
+    sequences' boundaries `sequence_bounds`, ints): there it runs causal attention one sequence at a time,
     so a packed row builds no (T x T) block mask and a sequence of L tokens costs L^2 / 2, as padded. A
     sliding window masks only the sequences longer than it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -99,7 +99,7 @@ def packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
     if attention_mask is not None or key.shape[2] != T or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
                                       **kwargs)
-    bounds = [0, T] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    bounds = sequence_bounds or (0, T)
     outputs = []
     for start, end in zip(bounds, bounds[1:]):
         mask = None
