@@ -38,7 +38,7 @@ def load_reward_fn(spec):
 def add_flags(parser):
     """--reward_fn, --reward_model and --reward_weights: the reward sources of an online script."""
     parser.add_argument("--reward_fn", action="append", default=[],
-                        help="path/to/file.py:function, repeatable (default on the toy data: toy/rewards.py:gold_reward)")
+                        help="path/to/file.py:function, repeatable (default on the toy data: the toy task's gold reward)")
     parser.add_argument("--reward_model", default=None, help="an rm.py output directory, as another reward")
     parser.add_argument("--reward_weights", type=float, nargs="+", default=None,
                         help="one weight per --reward_fn, then the --reward_model (default: all 1)")
